@@ -1,0 +1,352 @@
+"""Typed run configuration: nested dataclasses, YAML files, dotted overrides, validation.
+
+Every field is documented where it is declared. `load_config(path, overrides)` builds a `Config`
+from defaults <- YAML <- `a.b=value` overrides and rejects unknown keys, wrong types and
+impossible combinations before any compute, with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or combination is invalid; the message names the field."""
+
+
+@dataclass
+class SAEConfig:
+    arch: Literal["relu", "topk"] = "relu"
+    """SAE family: `relu` (Towards Monosemanticity, L1 penalty) or `topk` (Gao et al. 2024)."""
+    d_in: int = 64
+    """Width of the input activations (d_model, or d_mlp for MLP activations)."""
+    n_features: int = 512
+    """Dictionary size F (number of latents)."""
+    l1_coefficient: float = 4e-3
+    """relu: λ in loss = MSE + λ·Σ|f| (the paper's A/5 used 0.004)."""
+    l1_warmup_steps: int = 0
+    """relu: λ rises linearly from 0 over this many steps (Anthropic 2024 recipe); 0 = off."""
+    decoder_norm: Literal["unit", "l1_weighted"] = "unit"
+    """relu: `unit` keeps decoder rows at unit norm (grad parallel to each row removed before the
+    optimizer step, rows renormalised after); `l1_weighted` leaves them free and weights each
+    feature's L1 term by its decoder-row norm (Anthropic 2024). topk always uses `unit`."""
+    scale_inputs: bool = False
+    """Scale inputs by one scalar so their mean squared norm is d_in (Anthropic 2024); the scalar
+    is estimated once from a data sample and folded into the weights on export."""
+    init_enc_from_dec: bool = False
+    """Initialise W_enc as W_decᵀ (Anthropic 2024; always on for topk as in Gao et al.)."""
+    init_b_dec_median: bool = True
+    """Initialise b_dec (b_pre for topk) to the geometric median of a data sample (Weiszfeld)."""
+    k: int = 32
+    """topk: number of active latents per token."""
+    k_aux: int = 256
+    """topk: number of dead latents used by the AuxK loss (Gao et al.: d_model/2 or 256)."""
+    aux_coefficient: float = 1 / 32
+    """topk: weight α of the AuxK loss."""
+    dead_tokens_aux: int = 10_000_000
+    """topk: a latent counts as dead for AuxK when it has not fired in this many tokens."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate of Adam."""
+    b1: float = 0.9
+    """Adam β1."""
+    b2: float = 0.999
+    """Adam β2."""
+    eps: float = 1e-8
+    """Adam ε."""
+    warmup_steps: int = 0
+    """Linear LR warm-up from 0 over this many steps."""
+    decay: Literal["constant", "linear", "cosine"] = "constant"
+    """LR shape after warm-up, down to 0 at the last step for `linear`/`cosine`."""
+    grad_clip: float = 0.0
+    """Clip gradients to this global norm; 0 = off."""
+
+
+@dataclass
+class ResampleConfig:
+    enabled: bool = True
+    """Resample dead features (Towards Monosemanticity procedure). relu only."""
+    steps: list[int] = field(default_factory=lambda: [25_000, 50_000, 75_000, 100_000])
+    """Steps at which to resample (ignored when `at_fractions` is set)."""
+    at_fractions: list[float] = field(default_factory=list)
+    """Resample at these fractions of train.steps instead, e.g. [0.25, 0.5]."""
+    window_steps: int = 12_500
+    """A feature is dead if it has not fired in any of this many previous steps."""
+    n_inputs: int = 819_200
+    """Size of the random input subset on which the loss is computed to pick replacements."""
+    enc_scale: float = 0.2
+    """New encoder row norm = enc_scale × mean norm of the alive features' encoder rows."""
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1
+    """Devices along the `data` axis (batch). -1 = all devices not used by `model`."""
+    model: int = 1
+    """Devices along the `model` axis (the dictionary/feature dimension)."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "npy"] = "synthetic"
+    """Where activations come from."""
+    n_true_features: int = 512
+    """synthetic: number of ground-truth feature directions."""
+    p_active: float = 0.01
+    """synthetic: probability that a ground-truth feature is active in a vector."""
+    correlated_groups: int = 0
+    """synthetic: partition features into this many co-activating groups; 0 = independent."""
+    paths: list[str] = field(default_factory=list)
+    """npy: .npy files (or glob patterns) of [N, d_in] activations."""
+    seed: int = 0
+    """Seed of the data stream (features, sampling, shuffling)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    """Number of optimizer steps."""
+    batch_size: int = 1024
+    """Global batch size (activation vectors per step), split over the `data` axis."""
+    seed: int = 0
+    """Seed for parameter init and resampling."""
+    log_every: int = 100
+    """Read metrics back to the host every this many steps (the only host syncs)."""
+    checkpoint_every: int = 1000
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 3
+    """Keep the newest N checkpoints."""
+    async_checkpointing: bool = True
+    """Write checkpoints in the background."""
+    run_dir: str = "runs/default"
+    """Run directory: checkpoints, metrics.jsonl, config.yaml. An existing run is resumed."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars (needs tensorboardX)."""
+    progress: bool = True
+    """Show a progress bar with tokens/s."""
+    dead_window_tokens: int = 1_000_000
+    """Metrics: a feature counts as dead if it has not fired in this many tokens."""
+
+
+@dataclass
+class Config:
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    resample: ResampleConfig = field(default_factory=ResampleConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _check_type(value: Any, tp: Any, name: str) -> Any:
+    """Return `value` coerced to `tp` (int -> float allowed), or raise naming the field."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{name}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _check_type(value, arm, name)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{name}: {value!r} does not match {tp}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{name}: expected null, got {value!r}")
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{name}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (valid: {sorted(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        tree = tree.setdefault(p, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"override {key}: {p} is not a section")
+    tree[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value), the value parsed as YAML (so 4e-3, true, [1,2] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads "4e-3" as a string
+    return key.strip(), value
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- dotted overrides, then validation."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+        tree = _floatify(tree)
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    cfg = from_dict(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def _floatify(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _floatify(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_floatify(v) for v in tree]
+    if isinstance(tree, str) and _looks_numeric(tree):
+        return float(tree)
+    return tree
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------- validation
+
+
+def resolve_mesh_shape(mesh: MeshConfig, n_devices: int) -> tuple[int, int]:
+    """(data, model) sizes, filling a -1 with the remaining devices."""
+    data, model = mesh.data, mesh.model
+    if model < 1:
+        raise ConfigError(f"mesh.model must be >= 1, got {model}")
+    if data == -1:
+        if n_devices % model:
+            raise ConfigError(f"mesh.model={model} does not divide the {n_devices} devices")
+        data = n_devices // model
+    if data < 1 or data * model != n_devices:
+        raise ConfigError(
+            f"mesh.data × mesh.model = {data}×{model} must equal the {n_devices} devices available"
+        )
+    return data, model
+
+
+def validate(cfg: Config, n_devices: int | None = None) -> None:
+    """Reject impossible combinations before any compute. Mesh checks need `n_devices`."""
+    s, t, r = cfg.sae, cfg.train, cfg.resample
+    positive = {
+        "sae.d_in": s.d_in, "sae.n_features": s.n_features, "train.steps": t.steps,
+        "train.batch_size": t.batch_size, "train.log_every": t.log_every,
+        "train.checkpoint_every": t.checkpoint_every, "train.keep_checkpoints": t.keep_checkpoints,
+        "resample.window_steps": r.window_steps, "resample.n_inputs": r.n_inputs,
+        "optim.lr": cfg.optim.lr, "train.dead_window_tokens": t.dead_window_tokens,
+    }
+    for name, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{name} must be positive, got {v}")
+    if s.l1_coefficient < 0:
+        raise ConfigError(f"sae.l1_coefficient must be >= 0, got {s.l1_coefficient}")
+    if s.arch == "topk":
+        if not 0 < s.k <= s.n_features:
+            raise ConfigError(f"sae.k={s.k} must be in [1, sae.n_features={s.n_features}]")
+        if not 0 < s.k_aux <= s.n_features:
+            raise ConfigError(f"sae.k_aux={s.k_aux} must be in [1, sae.n_features={s.n_features}]")
+        if s.decoder_norm != "unit":
+            raise ConfigError("sae.decoder_norm must be 'unit' for sae.arch=topk")
+    for i, f in enumerate(r.at_fractions):
+        if not 0 < f < 1:
+            raise ConfigError(f"resample.at_fractions[{i}]={f} must be in (0, 1)")
+    if cfg.data.source == "npy" and not cfg.data.paths:
+        raise ConfigError("data.paths must name .npy files when data.source=npy")
+    if n_devices is not None:
+        data, model = resolve_mesh_shape(cfg.mesh, n_devices)
+        if s.n_features % model:
+            raise ConfigError(
+                f"mesh.model={model} does not divide sae.n_features={s.n_features}"
+            )
+        if t.batch_size % data:
+            raise ConfigError(f"mesh.data={data} does not divide train.batch_size={t.batch_size}")
+
+
+def resample_steps(cfg: Config) -> list[int]:
+    """The steps at which dead features are resampled for this run (empty when disabled)."""
+    r = cfg.resample
+    if not r.enabled or cfg.sae.arch != "relu":
+        return []
+    if r.at_fractions:
+        return sorted({int(f * cfg.train.steps) for f in r.at_fractions})
+    return sorted(s for s in r.steps if 0 < s < cfg.train.steps)
+
+
+# ---------------------------------------------------------------- reference
+
+
+def config_reference() -> str:
+    """Markdown table of every field: name, default, and the docstring written beside it."""
+    import ast
+    import inspect
+
+    rows = ["| field | default | meaning |", "| --- | --- | --- |"]
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        docs = {}
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split()).replace("|", r"\|")
+        defaults = dataclasses.asdict(cls())
+        for f in dataclasses.fields(cls):
+            rows.append(f"| `{section.name}.{f.name}` | `{defaults[f.name]!r}` | {docs.get(f.name, '')} |")
+    return "\n".join(rows)

@@ -1,0 +1,34 @@
+"""Held-out reconstruction and sparsity metrics of a trained SAE."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from saejax.sae.base import reconstruction_metrics
+
+
+def heldout_metrics(graphdef, params: dict, input_scale, x: jax.Array) -> dict:
+    """MSE, FVU, L0 on held-out activations x [N, d_in] (raw; scaled like training inputs)."""
+
+    @jax.jit
+    def run(params, scale, x):
+        xs = x * scale
+        sae = nnx.merge(graphdef, params)
+        f = sae.encode(xs)
+        return reconstruction_metrics(xs, sae.decode(f), f)
+
+    return {k: float(v) for k, v in jax.device_get(run(params, input_scale, x)).items()}
+
+
+def fired_fraction(graphdef, params: dict, input_scale, x: jax.Array) -> np.ndarray:
+    """[F] fraction of the inputs on which each feature fires."""
+
+    @jax.jit
+    def run(params, scale, x):
+        sae = nnx.merge(graphdef, params)
+        return sae.fired(sae.encode(x * scale)).mean(axis=0)
+
+    return np.asarray(jax.device_get(run(params, input_scale, x)))

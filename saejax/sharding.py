@@ -1,0 +1,60 @@
+"""Mesh construction, the logical-axis rules table, and host-local -> global batches.
+
+Model code names logical axes only (`batch`, `d_in`, `d_sae`); this file is the one place that
+maps them to the mesh axes `data` and `model`.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from saejax.config import MeshConfig, resolve_mesh_shape
+
+MESH_AXES = ("data", "model")
+
+# The rules table: logical axis name -> mesh axis (None = replicated).
+LOGICAL_RULES: dict[str, str | None] = {
+    "batch": "data",
+    "d_sae": "model",
+    "d_in": None,
+}
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    """A ("data", "model") mesh over all devices (or `devices`), Auto axes so XLA propagates."""
+    devices = jax.devices() if devices is None else devices
+    shape = resolve_mesh_shape(cfg, len(devices))
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def logical_spec(names: tuple[str | None, ...] | None) -> P:
+    """PartitionSpec for a tuple of logical axis names (None / unknown names -> replicated)."""
+    if not names:
+        return P()
+    return P(*(LOGICAL_RULES.get(n) if n else None for n in names))
+
+
+def named(mesh: Mesh, names: tuple[str | None, ...] | None) -> NamedSharding:
+    return NamedSharding(mesh, logical_spec(names))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Activation batches [B, d_in]: rows over `data`."""
+    return named(mesh, ("batch", "d_in"))
+
+
+def host_batch_to_global(local: np.ndarray, mesh: Mesh) -> jax.Array:
+    """The one function that turns this process's rows into a global array sharded over `data`.
+
+    With one process this is a plain device_put; with several, each contributes its contiguous
+    slice of the global batch (see `saejax.data.source.host_rows`).
+    """
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), local)

@@ -1,0 +1,173 @@
+"""The training loop: restore or init, step, resample, log, checkpoint, summarise.
+
+Data position is a pure function of the step, and everything else lives in the checkpointed
+`TrainState`, so a run restarted from its run directory continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from saejax import config as config_lib
+from saejax.checkpoint import Checkpointer
+from saejax.config import Config
+from saejax.data import make_source
+from saejax.data.source import host_rows
+from saejax.sharding import host_batch_to_global, make_mesh
+from saejax.train.metrics import MetricsLogger, NonFiniteLossError
+from saejax.train.step import StepContract
+
+# Config fields that may change when a run is resumed (they do not change what is computed).
+RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.async_checkpointing", "train.tensorboard",
+                     "train.progress", "mesh.data", "mesh.model"}
+INIT_SAMPLE = 16_384  # rows for the geometric median / input scale
+EVAL_ROWS = 32_768
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_resumable(saved: dict, cfg: Config) -> None:
+    old, new = _flat(saved), _flat(config_lib.to_dict(cfg))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise config_lib.ConfigError(
+            f"run_dir {cfg.train.run_dir} holds a run with a different config ({diffs}); "
+            "use another train.run_dir or the same settings")
+
+
+class Prefetcher:
+    """Builds the global batches of upcoming steps in a background thread."""
+
+    def __init__(self, make_batch, start: int, stop: int, depth: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(
+            target=lambda: [self._q.put(make_batch(s)) for s in range(start, stop)], daemon=True)
+        self._thread.start()
+
+    def next(self):
+        return self._q.get()
+
+
+def global_rows(rows: np.ndarray, mesh) -> jax.Array:
+    return host_batch_to_global(rows, mesh)
+
+
+def host_sample(source, n: int, seed: int, mesh) -> np.ndarray:
+    """This process's share of a deterministic sample of about n rows (n rounded down so the
+    `data` axis divides it)."""
+    n -= n % mesh.shape["data"]
+    rows = source.sample(n, seed)
+    per = n // jax.process_count()
+    return rows[jax.process_index() * per:(jax.process_index() + 1) * per]
+
+
+def train(cfg: Config, *, quiet: bool = False) -> dict:
+    """Train (or resume) the run in cfg.train.run_dir; returns the final summary."""
+    config_lib.validate(cfg, jax.device_count())
+    t = cfg.train
+    run_dir = Path(t.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved_cfg = run_dir / "config.yaml"
+    if saved_cfg.exists():
+        import yaml
+        check_resumable(yaml.safe_load(saved_cfg.read_text()), cfg)
+    if jax.process_index() == 0:
+        config_lib.save_config(cfg, saved_cfg)
+
+    mesh = make_mesh(cfg.mesh)
+    source = make_source(cfg)
+    contract = StepContract.build(cfg, mesh)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=t.keep_checkpoints,
+                        async_save=t.async_checkpointing)
+    restored = ckpt.restore_latest(contract.abstract_state())
+    if restored is not None:
+        start, state, _ = restored
+    else:
+        start = 0
+        state = contract.init(global_rows(host_sample(source, INIT_SAMPLE, t.seed, mesh), mesh))
+
+    resample_at = set(config_lib.resample_steps(cfg))
+    logger = MetricsLogger(
+        run_dir, batch_size=t.batch_size, log_every=t.log_every,
+        dead_window_steps=-(-t.dead_window_tokens // t.batch_size), total_steps=t.steps,
+        start_step=start, tensorboard=t.tensorboard, progress=t.progress and not quiet,
+        is_main=jax.process_index() == 0)
+
+    def batch_at(step: int) -> jax.Array:
+        rows = host_rows(source, step, t.batch_size, jax.process_index(), jax.process_count())
+        return global_rows(rows, mesh)
+
+    batches = Prefetcher(batch_at, start, t.steps)
+    meta = {"config": config_lib.to_dict(cfg)}
+    try:
+        for step in range(start, t.steps):
+            state, metrics = contract.step_fn(state, batches.next())
+            done = step + 1
+            if done in resample_at:
+                x = global_rows(host_sample(source, cfg.resample.n_inputs, t.seed * 7919 + done, mesh), mesh)
+                state, n_dead = contract.resample_fn(state, x)
+                logger.write({"step": done, "event": "resample", "n_resampled": int(n_dead)})
+            if done % t.log_every == 0 or done == t.steps:
+                logger.log(done, metrics, state)
+            if done % t.checkpoint_every == 0 or done == t.steps:
+                if int(jax.device_get(state.nonfinite_step)) >= 0:
+                    raise NonFiniteLossError(
+                        f"loss became NaN/Inf at step {int(state.nonfinite_step)}")
+                ckpt.save(done, state, {**meta, "step": done, "data_position": done})
+    except NonFiniteLossError as e:
+        ckpt.wait()
+        raise NonFiniteLossError(
+            f"{e}; stopped without saving. Last good checkpoint: "
+            f"{ckpt.latest_step()} in {run_dir / 'checkpoints'}") from None
+    finally:
+        ckpt.wait()
+        logger.close()
+    ckpt.close()
+    summary = summarize(cfg, contract, state, source, mesh)
+    logger.write({"step": t.steps, "event": "summary", **summary})
+    if not quiet and jax.process_index() == 0:
+        print(format_summary(summary))
+    return summary
+
+
+def summarize(cfg: Config, contract: StepContract, state, source, mesh) -> dict:
+    """Held-out MSE/FVU/L0, dead fraction over the metrics window, and MMCS for synthetic data."""
+    from saejax.eval.metrics import heldout_metrics
+    from saejax.train.metrics import dead_fraction
+
+    x = global_rows(host_sample(source, EVAL_ROWS, 10_000_019 + cfg.train.seed, mesh), mesh)
+    out = heldout_metrics(contract.graphdef, state.params, state.input_scale, x)
+    window = -(-cfg.train.dead_window_tokens // cfg.train.batch_size)
+    step, last_fired = jax.device_get((state.step, state.last_fired))
+    out["dead_fraction"] = dead_fraction(int(step), last_fired, window)
+    if hasattr(source, "features"):
+        from saejax.data.synthetic import mmcs
+        out["mmcs"] = mmcs(np.asarray(jax.device_get(state.params["W_dec"])), source.features)
+    out["step"] = int(step)
+    return out
+
+
+def format_summary(s: dict) -> str:
+    parts = [f"step {s['step']}"]
+    if "mmcs" in s:
+        parts.append(f"MMCS {s['mmcs']:.4f}")
+    parts += [f"L0 {s['l0']:.2f}", f"FVU {s['fvu']:.4f}", f"MSE {s['mse']:.4g}",
+              f"dead fraction {s['dead_fraction']:.4f}"]
+    return "final (held-out): " + "  ".join(parts)

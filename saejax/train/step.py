@@ -1,0 +1,106 @@
+"""The one train step and its sharding contract.
+
+`train_step(state, batch) -> (state, metrics)` is a pure function; `StepContract` is the one
+place that declares the shardings of the compiled functions' inputs and outputs and what they
+donate, and builds the state already sharded (`jax.jit(init, out_shardings=...)`). Everything the
+step needs across steps lives in `TrainState` on device, so ordinary steps never sync the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from saejax import sharding
+from saejax.config import Config
+from saejax.sae import SAE, LossContext, make_sae
+from saejax.train.resample import resample
+from saejax.train.state import (TrainState, aux_dead_window_steps, dead_mask, init_state,
+                                l1_coefficient, make_optimizer, state_shardings)
+
+
+def train_step(state: TrainState, batch: jax.Array, *, graphdef, cfg: Config,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+    """One optimizer step on a global batch [B, d_in] of raw activations."""
+    x = batch * state.input_scale
+    ctx = LossContext(l1_coefficient(cfg, state.step),
+                      dead_mask(state, aux_dead_window_steps(cfg)))
+
+    def loss_fn(params):
+        return nnx.merge(graphdef, params).loss(x, ctx)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    sae: SAE = nnx.merge(graphdef, state.params)
+    grads = sae.prepare_grads(state.params, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = sae.constrain(optax.apply_updates(state.params, updates))
+
+    step = state.step + 1
+    fired = SAE.fired(aux.pop("f")).sum(axis=0, dtype=jnp.int32)
+    window_start = state.step % cfg.train.log_every == 0
+    bad = (state.nonfinite_step < 0) & ~jnp.isfinite(loss)
+    new_state = state.replace(
+        step=step,
+        params=params,
+        opt_state=opt_state,
+        last_fired=jnp.where(fired > 0, step, state.last_fired),
+        fire_count=jnp.where(window_start, 0, state.fire_count) + fired,
+        nonfinite_step=jnp.where(bad, state.step, state.nonfinite_step),
+    )
+    return new_state, aux
+
+
+# ---------------------------------------------------------------- the sharding contract
+
+
+@dataclasses.dataclass
+class StepContract:
+    """Shardings, donation and compiled functions of one run, declared in one place.
+
+    step_fn(state, batch[B, d_in]) -> (state, metrics)      state donated
+    resample_fn(state, inputs[N, d_in]) -> (state, n_dead)  state donated
+    Batches and resampling inputs are sharded over `data` by rows; the state as in
+    `saejax.train.state.state_shardings`; metrics replicated.
+    """
+
+    cfg: Config
+    mesh: Mesh
+    graphdef: Any
+    tx: optax.GradientTransformation
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+    step_fn: Callable[[TrainState, jax.Array], tuple[TrainState, dict]]
+    resample_fn: Callable[[TrainState, jax.Array], tuple[TrainState, jax.Array]]
+
+    @classmethod
+    def build(cls, cfg: Config, mesh: Mesh) -> "StepContract":
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: make_sae(cfg.sae)))
+        tx = make_optimizer(cfg)
+        state_sh = state_shardings(cfg, mesh, tx)
+        batch_sh = sharding.batch_sharding(mesh)
+        rep = sharding.replicated(mesh)
+
+        def compile_(fn):
+            return jax.jit(lambda s, x: fn(s, x, graphdef=graphdef, cfg=cfg, tx=tx),
+                           in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
+                           donate_argnums=(0,))
+
+        return cls(cfg, mesh, graphdef, tx, state_sh, batch_sh,
+                   step_fn=compile_(train_step), resample_fn=compile_(resample))
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the state (the restore target for checkpoints)."""
+        shapes = jax.eval_shape(lambda: init_state(self.cfg, self.tx, None))
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            shapes, self.state_shardings)
+
+    def init(self, sample: jax.Array | None) -> TrainState:
+        """Fresh state created already sharded; `sample` ([N, d_in]) drives data-dependent init."""
+        return jax.jit(lambda s: init_state(self.cfg, self.tx, s),
+                       out_shardings=self.state_shardings)(sample)
