@@ -8,10 +8,14 @@ import sys
 
 
 def _maybe_init_distributed() -> None:
-    """Join a multi-process run when launched with JAX's coordinator variables (see launch/)."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    """Join a multi-process run when SAEJAX_COORDINATOR etc. are set (see launch/local.py)."""
+    if os.environ.get("SAEJAX_COORDINATOR"):
         import jax
-        jax.distributed.initialize()
+        jax.distributed.initialize(
+            coordinator_address=os.environ["SAEJAX_COORDINATOR"],
+            num_processes=int(os.environ["SAEJAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["SAEJAX_PROCESS_ID"]),
+        )
 
 
 def cmd_train(args) -> int:

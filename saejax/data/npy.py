@@ -1,0 +1,159 @@
+"""Activations stored as `.npy` shards, memory-mapped and read in a deterministic shuffled order.
+
+Each shard is a 2-D [N_i, d] array (float32, or float16 e.g. for bfloat16 activations saved as
+float16; rows are converted to float32 on read). The shards are concatenated into one virtual
+table of N = Σ N_i rows. Training reads it as in the paper, sampling without replacement within
+an epoch:
+
+    global row index   g     = step * batch_size + i        (i = row within the global batch)
+    epoch              e     = g // N
+    table row                = perm_e[g % N]                 perm_e: permutation of N seeded by (seed, e)
+
+so every epoch visits every row exactly once, in a fresh order, and the rows of a step are a pure
+function of (step, batch_size, seed): a resumed run, or another process reading its own slice,
+sees exactly the same data. Only the pages of the requested rows are read from disk.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import threading
+
+import numpy as np
+
+from saejax.data.source import check_row_request, check_sample_request
+
+# Second word of every seed, so the epoch permutations and sample() never share a stream.
+_EPOCH_STREAM, _SAMPLE_STREAM = 0, 1
+_CACHED_EPOCHS = 2  # a batch can straddle one epoch boundary (more only if batch_size > N)
+
+
+def expand_paths(paths: str | os.PathLike | list[str | os.PathLike]) -> list[str]:
+    """Files named by `paths`: each entry an existing file or a glob pattern (matches sorted, so
+    the table order, and with it the data, does not depend on directory listing order)."""
+    entries = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not entries:
+        raise ValueError("paths is empty: name at least one .npy file or glob pattern")
+    files: list[str] = []
+    for entry in entries:
+        entry = os.fspath(entry)
+        if os.path.isfile(entry):
+            files.append(entry)
+            continue
+        matches = sorted(m for m in glob.glob(entry) if os.path.isfile(m))
+        if not matches:
+            raise ValueError(f"data path or glob pattern {entry!r} matches no files")
+        files.extend(matches)
+    return files
+
+
+def open_shard(path: str) -> np.ndarray:
+    """Memory-map one shard, checking it is a 2-D array of floats."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except Exception as e:  # not an .npy file, pickled objects, truncated header, ...
+        raise ValueError(f"{path}: cannot be memory-mapped as a .npy array ({e})") from e
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"{path}: expected a single .npy array, got {type(arr).__name__}")
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: expected a 2-D [rows, d] array, got shape {arr.shape}")
+    if arr.dtype.kind != "f":
+        hint = (" (bfloat16 saved by np.save reads back as raw bytes; save it as float16 or "
+                "float32)" if arr.dtype.kind == "V" else "")
+        raise ValueError(f"{path}: expected a float array, got dtype {arr.dtype}{hint}")
+    return arr
+
+
+class NpySource:
+    """Rows of one or more memory-mapped .npy shards, shuffled per epoch (see module docstring)."""
+
+    def __init__(self, paths: str | os.PathLike | list[str | os.PathLike], seed: int = 0):
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.seed = seed
+        self.paths = expand_paths(paths)
+        self._shards = [open_shard(p) for p in self.paths]
+        self.d_in: int = _common_width(self.paths, self._shards)
+        lengths = np.array([len(s) for s in self._shards], np.int64)
+        self.n_rows: int = int(lengths.sum())
+        """N, the number of rows in one epoch."""
+        if self.n_rows == 0:
+            raise ValueError(f"the data files hold no rows: {self.paths}")
+        self._ends = np.cumsum(lengths)
+        self._starts = self._ends - lengths
+        self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()  # rows() runs in the prefetch thread, sample() in the main one
+
+    def __repr__(self) -> str:
+        return (f"NpySource({len(self.paths)} files, n_rows={self.n_rows}, d_in={self.d_in}, "
+                f"seed={self.seed})")
+
+    # -- the ActivationSource interface -------------------------------------------------------
+
+    def rows(self, step: int, start: int, stop: int, batch_size: int) -> np.ndarray:
+        """Rows [start, stop) of step `step`'s global batch (see `ActivationSource.rows`)."""
+        check_row_request(step, start, stop, batch_size)
+        return self.gather(self.table_rows(step, start, stop, batch_size))
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        """n rows drawn uniformly without replacement (with replacement only if n > N)."""
+        check_sample_request(n, seed)
+        rng = np.random.default_rng([self.seed, _SAMPLE_STREAM, seed])
+        return self.gather(rng.choice(self.n_rows, size=n, replace=n > self.n_rows))
+
+    # -- the shuffle ---------------------------------------------------------------------------
+
+    def table_rows(self, step: int, start: int, stop: int, batch_size: int) -> np.ndarray:
+        """Indices into the concatenated table of rows [start, stop) of step `step`'s batch."""
+        g = step * batch_size + np.arange(start, stop, dtype=np.int64)
+        epoch, pos = np.divmod(g, self.n_rows)
+        out = np.empty(len(g), np.int64)
+        for e in np.unique(epoch):
+            here = epoch == e
+            out[here] = self.epoch_permutation(int(e))[pos[here]]
+        return out
+
+    def epoch_permutation(self, epoch: int) -> np.ndarray:
+        """The order in which epoch `epoch` visits the N table rows (cached: drawing it is O(N)).
+
+        Shuffling an int32 arange in place gives the same order as rng.permutation(N) at half
+        the memory, which matters for tables of 10^8+ rows."""
+        with self._lock:
+            perm = self._perms.get(epoch)
+            if perm is None:
+                dtype = np.int32 if self.n_rows < 2**31 else np.int64
+                perm = np.arange(self.n_rows, dtype=dtype)
+                np.random.default_rng([self.seed, _EPOCH_STREAM, epoch]).shuffle(perm)
+                self._perms[epoch] = perm
+                while len(self._perms) > _CACHED_EPOCHS:
+                    del self._perms[min(self._perms)]
+            return perm
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def gather(self, table_rows: np.ndarray) -> np.ndarray:
+        """float32 [len(table_rows), d] rows of the concatenated table, in the order given.
+
+        Each shard is read with sorted row indices (sequential-ish page access on the mmap),
+        and the rows are written back to their requested positions."""
+        table_rows = np.asarray(table_rows, np.int64)
+        out = np.empty((len(table_rows), self.d_in), np.float32)
+        shard = np.searchsorted(self._ends, table_rows, side="right")
+        for s in np.unique(shard):
+            where = np.flatnonzero(shard == s)
+            local = table_rows[where] - self._starts[s]
+            order = np.argsort(local, kind="stable")
+            out[where[order]] = self._shards[s][local[order]]
+        return out
+
+
+def _common_width(paths: list[str], shards: list[np.ndarray]) -> int:
+    """The row width d shared by all shards (error names the first file that disagrees)."""
+    d = shards[0].shape[1]
+    for path, shard in zip(paths, shards):
+        if shard.shape[1] != d:
+            raise ValueError(
+                f"{path}: shape {shard.shape} has width {shard.shape[1]}, but {paths[0]} has "
+                f"shape {shards[0].shape} (width {d}); all files must agree on d")
+    return int(d)

@@ -1,0 +1,309 @@
+"""Write and read SAEs in SAELens's on-disk format (a folder with two files).
+
+    out_dir/sae_weights.safetensors  W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in],
+                                     b_dec [d_in]
+    out_dir/cfg.json                 the config ``sae_lens.SAE.load_from_disk(out_dir)`` reads
+
+Matched against SAELens 6.x (``decoderesearch/SAELens``, formerly ``jbloomAus/SAELens``;
+pyproject version 6.52.0 was the newest seen):
+
+* ``sae_lens/constants.py``: ``SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"``,
+  ``SAE_CFG_FILENAME = "cfg.json"``, ``DTYPE_MAP`` (cfg "dtype" must be one of its keys).
+* ``sae_lens/saes/sae.py``: ``SAEConfig`` fields ``d_in, d_sae, dtype, device,
+  apply_b_dec_to_input, normalize_activations, reshape_activations, metadata``;
+  ``to_dict()`` adds ``"architecture"``; ``from_dict()`` keeps only dataclass fields of the
+  architecture's config class (other top-level keys are ignored) and builds ``SAEMetadata`` from
+  ``cfg["metadata"]``. ``load_from_disk`` loads the state dict *strictly* (exactly the four
+  tensors above). ``process_sae_in``: ``x - b_dec * apply_b_dec_to_input``.
+  ``fold_activation_norm_scaling_factor(s)``: ``W_enc *= s; W_dec /= s; b_dec /= s`` -- the fold
+  used here.
+* ``sae_lens/saes/standard_sae.py`` ("standard"): ``f = relu(sae_in @ W_enc + b_enc)``,
+  ``x_hat = f @ W_dec + b_dec``.
+* ``sae_lens/saes/topk_sae.py`` ("topk", extra fields ``k``, ``rescale_acts_by_decoder_norm``
+  (default False)): ``TopK`` keeps the k largest pre-activations, ReLUs them, zeroes the rest.
+* ``sae_lens/loading/pretrained_sae_loaders.py``: ``sae_lens_disk_loader``;
+  ``handle_config_defaulting`` treats a cfg whose ``sae_lens_version`` (top level, or in
+  ``metadata``; an earlier 6.x looked only at the top level, so both are written) is missing or
+  < ``6.0.0-rc.0`` as the old *flat* format and rewrites it
+  (``handle_pre_6_0_config``: ``hook_point -> hook_name``, ``activation_fn_kwargs["k"] -> k``,
+  metadata rebuilt from the flat keys in ``LLM_METADATA_KEYS``). So the export stamps
+  ``sae_lens_version = "6.0.0"`` as a *format* marker (it is not the SAELens that wrote it).
+
+The export also mirrors the flat SAELens <= 5.x keys (``model_name``, ``hook_name``,
+``hook_layer``, ``activation_fn_str``, ``activation_fn_kwargs``, ``context_size`` ...; the
+required fields of 5.x ``sae_lens/sae.py: SAEConfig``) at the top level, so 5.x-era tooling can
+read it; SAELens 6 drops them in ``from_dict``. Metadata keys SAELens does not know go in a
+top-level ``"saejax"`` block, not in ``metadata``: the current ``SAEMetadata`` accepts any key,
+but an earlier one was a fixed dataclass that raised on unknown keys.
+
+Folding the input scale. saejax trains on xs = s*x. With params (W_enc, b_enc, W_dec, b_dec):
+    f     = act((s*x - b_dec) @ W_enc + b_enc)
+          = act((x - b_dec/s) @ (s*W_enc) + b_enc)
+    so W_enc' = s*W_enc, b_dec' = b_dec/s, b_enc' = b_enc, and
+    x_hat = xs_hat / s = (f @ W_dec + b_dec) / s = f @ (W_dec/s) + b_dec/s
+    so W_dec' = W_dec/s with the same b_dec'.
+The pre-activations, hence f (ReLU or top-k), are unchanged, so the exported SAE runs on raw x
+with ``normalize_activations="none"`` and reconstructs x_hat_raw = xs_hat / s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+
+WEIGHTS_FILENAME = "sae_weights.safetensors"  # sae_lens/constants.py SAE_WEIGHTS_FILENAME
+CFG_FILENAME = "cfg.json"  # sae_lens/constants.py SAE_CFG_FILENAME
+SAELENS_FORMAT_VERSION = "6.0.0"  # first version of the nested-"metadata" cfg format
+ARCHITECTURES = ("standard", "topk")
+DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
+PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+# sae_lens/loading/pretrained_sae_loaders.py LLM_METADATA_KEYS (+ hook_layer, an older SAEMetadata field).
+METADATA_KEYS = {
+    "model_name", "hook_name", "model_class_name", "hook_layer", "hook_head_index",
+    "model_from_pretrained_kwargs", "prepend_bos", "exclude_special_tokens", "neuronpedia_id",
+    "context_size", "seqpos_slice", "dataset_path", "sae_lens_version",
+    "sae_lens_training_version", "hook_name_out", "hook_head_index_out",
+}
+METADATA_ALIASES = {"dataset": "dataset_path", "hook_point": "hook_name"}
+
+
+def _shapes(params: dict) -> tuple[int, int]:
+    """(d_in, d_sae) after checking the four arrays; errors name the array and both shapes."""
+    missing = [n for n in PARAM_NAMES if n not in params]
+    if missing:
+        raise ValueError(f"params is missing {missing} (has {sorted(params)})")
+    if np.ndim(params["W_enc"]) != 2:
+        raise ValueError(f"W_enc must be 2-D [d_in, d_sae], got shape {np.shape(params['W_enc'])}")
+    d_in, d_sae = np.shape(params["W_enc"])
+    want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    for name, shape in want.items():
+        if tuple(np.shape(params[name])) != shape:
+            raise ValueError(f"{name} has shape {tuple(np.shape(params[name]))}, expected {shape} "
+                             f"(d_in={d_in}, d_sae={d_sae} from W_enc)")
+    return d_in, d_sae
+
+
+def _split_metadata(metadata: dict | None) -> tuple[dict, dict]:
+    """(SAELens metadata with defaults, other keys for the "saejax" block)."""
+    meta = {"model_name": None, "hook_name": None, "hook_head_index": None, "context_size": None,
+            "dataset_path": None, "prepend_bos": True, "model_from_pretrained_kwargs": {},
+            "neuronpedia_id": None}
+    extra = {}
+    for key, value in (metadata or {}).items():
+        key = METADATA_ALIASES.get(key, key)
+        (meta if key in METADATA_KEYS else extra)[key] = value
+    meta.update(sae_lens_version=SAELENS_FORMAT_VERSION, sae_lens_training_version=None)
+    return meta, extra
+
+
+def _hook_layer(meta: dict) -> int | None:
+    if meta.get("hook_layer") is not None:
+        return meta["hook_layer"]
+    m = re.search(r"blocks\.(\d+)\.", meta.get("hook_name") or "")
+    return int(m.group(1)) if m else None
+
+
+def build_cfg(d_in: int, d_sae: int, *, architecture: str, k: int | None, dtype: str,
+              metadata: dict | None, input_scale: float = 1.0) -> dict:
+    """The cfg.json dict: SAELens 6 fields, flat 5.x mirror, and the "saejax" block."""
+    meta, extra = _split_metadata(metadata)
+    hook_name = meta.get("hook_name") or ""
+    cfg = {
+        "architecture": architecture, "d_in": d_in, "d_sae": d_sae, "dtype": dtype,
+        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "reshape_activations": "hook_z" if hook_name.endswith("hook_z") else "none",
+        "metadata": meta,
+    }
+    if architecture == "topk":
+        cfg.update(k=k, rescale_acts_by_decoder_norm=False)
+    cfg.update({  # flat SAELens <= 5.x keys (ignored by SAELens 6)
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "model_name": meta["model_name"], "hook_name": meta["hook_name"],
+        "hook_layer": _hook_layer(meta), "hook_head_index": meta["hook_head_index"],
+        "activation_fn_str": "topk" if architecture == "topk" else "relu",
+        "activation_fn_kwargs": {"k": k} if architecture == "topk" else {},
+        "finetuning_scaling_factor": False, "context_size": meta["context_size"],
+        "dataset_path": meta["dataset_path"], "dataset_trust_remote_code": True,
+        "prepend_bos": meta["prepend_bos"], "sae_lens_training_version": None,
+        "model_from_pretrained_kwargs": meta["model_from_pretrained_kwargs"],
+        "neuronpedia_id": meta["neuronpedia_id"],
+    })
+    cfg["saejax"] = {"input_scale_folded": input_scale, **extra}
+    return cfg
+
+
+def _write_fsynced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def export_saelens(out_dir, params: dict[str, np.ndarray], *, architecture: str,
+                   k: int | None = None, input_scale: float = 1.0, metadata: dict | None = None,
+                   dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Write `params` (trained on inputs scaled by `input_scale`) as a SAELens SAE for raw inputs.
+
+    Atomic: files go into a temp folder beside `out_dir`, are fsynced, and the folder is renamed
+    into place. An existing non-empty `out_dir` is an error unless `overwrite=True`.
+    """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    s = float(input_scale)
+    if not (np.isfinite(s) and s > 0):
+        raise ValueError(f"input_scale must be finite and > 0, got {input_scale}")
+    d_in, d_sae = _shapes(params)
+    if architecture == "topk":
+        if k is None or int(k) != k or not 1 <= k <= d_sae:
+            raise ValueError(f"topk needs an integer k in [1, d_sae={d_sae}], got {k!r}")
+        k = int(k)
+    elif k is not None:
+        raise ValueError(f"k is only for architecture='topk', got k={k} for {architecture!r}")
+
+    p = {n: np.asarray(params[n], np.float64) for n in PARAM_NAMES}
+    for name, value in p.items():
+        if not np.isfinite(value).all():
+            raise ValueError(f"{name} contains NaN or inf")
+    folded = {"W_enc": p["W_enc"] * s, "b_enc": p["b_enc"], "W_dec": p["W_dec"] / s,
+              "b_dec": p["b_dec"] / s}
+    tensors = {n: np.ascontiguousarray(v.astype(DTYPES[dtype])) for n, v in folded.items()}
+    cfg = build_cfg(d_in, d_sae, architecture=architecture, k=k, dtype=dtype,
+                    metadata=metadata, input_scale=s)
+
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        _write_fsynced(tmp / WEIGHTS_FILENAME, safetensors.numpy.save(tensors))
+        _write_fsynced(tmp / CFG_FILENAME, (json.dumps(cfg, indent=2) + "\n").encode())
+        _fsync_dir(tmp)
+        if out_dir.exists():  # move the old one aside, rename the new one in, drop the old one
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _normalize_cfg(cfg: dict) -> dict:
+    """Bring an old flat (SAELens < 6) cfg into the 6.x shape, like handle_pre_6_0_config."""
+    version = cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version")
+    if version and int(str(version).split(".")[0]) >= 6:
+        return cfg
+    renames = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index",
+               "activation_fn_str": "activation_fn"}
+    new = {renames.get(key, key): v for key, v in cfg.items()}
+    new.setdefault("architecture", "standard")
+    if new.get("activation_fn") == "topk":  # early 5.x topk: architecture "standard" + topk fn
+        new["architecture"] = "topk"
+    new.setdefault("apply_b_dec_to_input", True)
+    if isinstance(new.get("normalize_activations"), bool):
+        new["normalize_activations"] = ("expected_average_only_in" if new["normalize_activations"]
+                                        else "none")
+    if new.get("normalize_activations") is None:
+        new["normalize_activations"] = "none"
+    if new["architecture"] == "topk" and "k" not in new:
+        new["k"] = (new.get("activation_fn_kwargs") or {}).get("k")
+    new["metadata"] = {key: v for key, v in new.items() if key in METADATA_KEYS}
+    return new
+
+
+def load_saelens(path) -> tuple[dict[str, np.ndarray], dict]:
+    """(params as float32, cfg dict) of a SAELens SAE folder; old flat cfgs are normalized."""
+    path = Path(path)
+    cfg_path, weights_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
+    for f in (cfg_path, weights_path):
+        if not f.is_file():
+            raise FileNotFoundError(f"not a SAELens SAE folder: {f} is missing")
+    try:
+        cfg = _normalize_cfg(json.loads(cfg_path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    for key in ("d_in", "d_sae", "architecture"):
+        if key not in cfg:
+            raise KeyError(f"{cfg_path} has no {key!r}")
+    if cfg["architecture"] == "topk" and cfg.get("k") is None:
+        raise KeyError(f"{cfg_path}: architecture 'topk' needs 'k'")
+    params = {n: np.asarray(v, np.float32)
+              for n, v in safetensors.numpy.load_file(str(weights_path)).items()}
+    missing = [n for n in PARAM_NAMES if n not in params]
+    if missing:
+        raise KeyError(f"{weights_path} has no tensor(s) {missing} (has {sorted(params)})")
+    d_in, d_sae = _shapes(params)
+    if (d_in, d_sae) != (cfg["d_in"], cfg["d_sae"]):
+        raise ValueError(f"{weights_path}: W_enc shape {(d_in, d_sae)} does not match cfg "
+                         f"d_in={cfg['d_in']}, d_sae={cfg['d_sae']}")
+    return params, cfg
+
+
+def _check_supported(cfg: dict) -> None:
+    if cfg["architecture"] not in ARCHITECTURES:
+        raise NotImplementedError(f"architecture {cfg['architecture']!r} (only {ARCHITECTURES})")
+    if cfg.get("normalize_activations", "none") != "none":
+        raise NotImplementedError(
+            f"normalize_activations={cfg['normalize_activations']!r} (only 'none')")
+
+
+def _rescale(params: dict, cfg: dict) -> np.ndarray | None:
+    """Decoder row norms when a topk SAE has rescale_acts_by_decoder_norm, else None."""
+    if cfg["architecture"] == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
+        return np.linalg.norm(params["W_dec"], axis=-1)
+    return None
+
+
+def saelens_encode(params, cfg, x: np.ndarray) -> np.ndarray:
+    """SAELens StandardSAE/TopKSAE .encode in numpy (x [..., d_in] -> f [..., d_sae]).
+
+    Inputs are already flat: SAELens's reshape_activations="hook_z" head flattening is not done.
+    """
+    _check_supported(cfg)
+    x = np.asarray(x, np.float32)
+    if cfg.get("apply_b_dec_to_input", True):
+        x = x - params["b_dec"]
+    pre = x @ params["W_enc"] + params["b_enc"]
+    if cfg["architecture"] == "standard":
+        return np.maximum(pre, 0)
+    norms = _rescale(params, cfg)
+    if norms is not None:
+        pre = pre * norms
+    k = int(cfg["k"])
+    idx = np.argpartition(-pre, k - 1, axis=-1)[..., :k]
+    f = np.zeros_like(pre)
+    np.put_along_axis(f, idx, np.maximum(np.take_along_axis(pre, idx, axis=-1), 0), axis=-1)
+    return f
+
+
+def saelens_decode(params, cfg, f) -> np.ndarray:
+    """SAELens StandardSAE/TopKSAE .decode in numpy (f [..., d_sae] -> x_hat [..., d_in])."""
+    _check_supported(cfg)
+    f = np.asarray(f, np.float32)
+    norms = _rescale(params, cfg)
+    if norms is not None:
+        f = f / norms
+    return f @ params["W_dec"] + params["b_dec"]
