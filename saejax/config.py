@@ -56,8 +56,9 @@ class SAEConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    """Peak learning rate of Adam."""
+    lr: float = 3e-3
+    """Peak learning rate of Adam (the default suits the embedded synthetic problem; dictionaries
+    of 10^4+ features on LM activations usually want 1e-4 to 5e-4)."""
     b1: float = 0.9
     """Adam β1."""
     b2: float = 0.999
@@ -66,7 +67,7 @@ class OptimConfig:
     """Adam ε."""
     warmup_steps: int = 0
     """Linear LR warm-up from 0 over this many steps."""
-    decay: Literal["constant", "linear", "cosine"] = "constant"
+    decay: Literal["constant", "linear", "cosine"] = "linear"
     """LR shape after warm-up, down to 0 at the last step for `linear`/`cosine`."""
     grad_clip: float = 0.0
     """Clip gradients to this global norm; 0 = off."""
@@ -114,7 +115,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 6000
     """Number of optimizer steps."""
     batch_size: int = 1024
     """Global batch size (activation vectors per step), split over the `data` axis."""

@@ -61,3 +61,13 @@ def test_cli_reports_config_errors(capsys):
     from saejax.cli import main
     assert main(["train", "sae.bogus=1"]) == 2
     assert "sae.bogus" in capsys.readouterr().err
+
+
+def test_readme_config_reference_is_current():
+    """README's table is generated from the field docstrings; regenerate it when a field changes:
+    paste the output of `python -c "from saejax.config import config_reference as r; print(r())"`."""
+    from pathlib import Path
+    from saejax.config import config_reference
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert config_reference() in readme
