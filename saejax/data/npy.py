@@ -16,36 +16,17 @@ sees exactly the same data. Only the pages of the requested rows are read from d
 
 from __future__ import annotations
 
-import glob
 import os
 import threading
 
 import numpy as np
 
 from saejax.data.source import check_row_request, check_sample_request
+from saejax.files import expand_paths
 
 # Second word of every seed, so the epoch permutations and sample() never share a stream.
 _EPOCH_STREAM, _SAMPLE_STREAM = 0, 1
 _CACHED_EPOCHS = 2  # a batch can straddle one epoch boundary (more only if batch_size > N)
-
-
-def expand_paths(paths: str | os.PathLike | list[str | os.PathLike]) -> list[str]:
-    """Files named by `paths`: each entry an existing file or a glob pattern (matches sorted, so
-    the table order, and with it the data, does not depend on directory listing order)."""
-    entries = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    if not entries:
-        raise ValueError("paths is empty: name at least one .npy file or glob pattern")
-    files: list[str] = []
-    for entry in entries:
-        entry = os.fspath(entry)
-        if os.path.isfile(entry):
-            files.append(entry)
-            continue
-        matches = sorted(m for m in glob.glob(entry) if os.path.isfile(m))
-        if not matches:
-            raise ValueError(f"data path or glob pattern {entry!r} matches no files")
-        files.extend(matches)
-    return files
 
 
 def open_shard(path: str) -> np.ndarray:

@@ -1,0 +1,31 @@
+"""File-name helpers shared by every reader of user-named files (activations, text)."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+
+def expand_paths(paths: str | os.PathLike | list[str | os.PathLike], what: str = "data") -> list[str]:
+    """Files named by `paths`: each entry an existing file or a glob pattern (`**` recurses).
+
+    Matches of each pattern are sorted, so the order (and with it the data) does not depend on
+    directory listing order; a pattern matching nothing is an error rather than an empty input.
+    `what` names the kind of file in error messages."""
+    entries = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not entries:
+        raise ValueError(f"paths is empty: name at least one {what} file or glob pattern")
+    files: list[str] = []
+    for entry in entries:
+        entry = os.fspath(entry)
+        if os.path.isfile(entry):
+            files.append(entry)
+            continue
+        if os.path.isdir(entry):
+            raise ValueError(f"{entry!r} is a directory: name files with a glob such as "
+                             f"{os.path.join(entry, '**', '*')!r}")
+        matches = sorted(m for m in glob.glob(entry, recursive=True) if os.path.isfile(m))
+        if not matches:
+            raise ValueError(f"{what} path or glob pattern {entry!r} matches no files")
+        files.extend(matches)
+    return files
