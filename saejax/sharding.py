@@ -19,6 +19,15 @@ LOGICAL_RULES: dict[str, str | None] = {
     "batch": "data",
     "d_sae": "model",
     "d_in": None,
+    # language-model parameters (saejax.lm): replicated for now; tensor parallelism would map
+    # `heads` and `d_mlp` to "model".
+    "vocab": None,
+    "d_model": None,
+    "n_ctx": None,
+    "heads": None,
+    "kv_heads": None,
+    "d_head": None,
+    "d_mlp": None,
 }
 
 
