@@ -99,8 +99,9 @@ class MeshConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "npy"] = "synthetic"
-    """Where activations come from."""
+    source: Literal["synthetic", "npy", "store"] = "synthetic"
+    """Where activations come from: generated ground truth, .npy files, or an activation store
+    harvested from a language model (`saejax.data.store`)."""
     n_true_features: int = 512
     """synthetic: number of ground-truth feature directions."""
     p_active: float = 0.01
@@ -109,6 +110,10 @@ class DataConfig:
     """synthetic: partition features into this many co-activating groups; 0 = independent."""
     paths: list[str] = field(default_factory=list)
     """npy: .npy files (or glob patterns) of [N, d_in] activations."""
+    store_path: str = ""
+    """store: directory of an activation store."""
+    site: str = ""
+    """store: hook site to train on, e.g. blocks.0.mlp.hook_post ("" = the store's only site)."""
     seed: int = 0
     """Seed of the data stream (features, sampling, shuffling)."""
 
@@ -311,6 +316,8 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
             raise ConfigError(f"resample.at_fractions[{i}]={f} must be in (0, 1)")
     if cfg.data.source == "npy" and not cfg.data.paths:
         raise ConfigError("data.paths must name .npy files when data.source=npy")
+    if cfg.data.source == "store" and not cfg.data.store_path:
+        raise ConfigError("data.store_path must name an activation store when data.source=store")
     if n_devices is not None:
         data, model = resolve_mesh_shape(cfg.mesh, n_devices)
         if s.n_features % model:

@@ -6,15 +6,24 @@ from saejax.config import Config, ConfigError
 
 
 def make_source(cfg: Config):
-    """The activation source named by cfg.data, checked against sae.d_in."""
+    """The activation source named by cfg.data, checked against sae.d_in.
+
+    A source that cannot be opened (missing file, damaged manifest, unknown site) is a config
+    error naming the data field, so the CLI reports it before any compute."""
     d = cfg.data
-    if d.source == "synthetic":
-        from saejax.data.synthetic import SyntheticSource
-        src = SyntheticSource(cfg.sae.d_in, d.n_true_features, p_active=d.p_active,
-                              correlated_groups=d.correlated_groups, seed=d.seed)
-    else:
-        from saejax.data.npy import NpySource
-        src = NpySource(d.paths, seed=d.seed)
+    try:
+        if d.source == "synthetic":
+            from saejax.data.synthetic import SyntheticSource
+            src = SyntheticSource(cfg.sae.d_in, d.n_true_features, p_active=d.p_active,
+                                  correlated_groups=d.correlated_groups, seed=d.seed)
+        elif d.source == "store":
+            from saejax.data.store import ActivationStore
+            src = ActivationStore(d.store_path, d.site or None, seed=d.seed)
+        else:
+            from saejax.data.npy import NpySource
+            src = NpySource(d.paths, seed=d.seed)
+    except ValueError as e:
+        raise ConfigError(f"data.source={d.source}: {e}") from e
     if src.d_in != cfg.sae.d_in:
         raise ConfigError(f"data gives vectors of width {src.d_in} but sae.d_in={cfg.sae.d_in}")
     return src

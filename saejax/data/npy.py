@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Callable
 
 import numpy as np
 
@@ -46,29 +47,31 @@ def open_shard(path: str) -> np.ndarray:
     return arr
 
 
-class NpySource:
-    """Rows of one or more memory-mapped .npy shards, shuffled per epoch (see module docstring)."""
+class ShuffledTable:
+    """Rows of a virtual table (2-D shards concatenated) served in the per-epoch shuffled order
+    of the module docstring; the shared reader of `NpySource` and the activation store.
 
-    def __init__(self, paths: str | os.PathLike | list[str | os.PathLike], seed: int = 0):
+    `shards` are array-likes [N_i, d] (typically memory-mapped); `decode`, if given, turns rows
+    read from a shard (rows sorted by index) into float32 [k, d] (e.g. bfloat16 bits stored as
+    uint16); without it numpy's assignment converts floats to float32."""
+
+    def __init__(self, shards: list[np.ndarray], d_in: int, seed: int = 0,
+                 decode: Callable[[np.ndarray], np.ndarray] | None = None):
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.seed = seed
-        self.paths = expand_paths(paths)
-        self._shards = [open_shard(p) for p in self.paths]
-        self.d_in: int = _common_width(self.paths, self._shards)
-        lengths = np.array([len(s) for s in self._shards], np.int64)
+        self.d_in: int = int(d_in)
+        self._shards = shards
+        self._decode = decode
+        lengths = np.array([len(s) for s in shards], np.int64)
         self.n_rows: int = int(lengths.sum())
         """N, the number of rows in one epoch."""
         if self.n_rows == 0:
-            raise ValueError(f"the data files hold no rows: {self.paths}")
+            raise ValueError("the table holds no rows")
         self._ends = np.cumsum(lengths)
         self._starts = self._ends - lengths
         self._perms: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()  # rows() runs in the prefetch thread, sample() in the main one
-
-    def __repr__(self) -> str:
-        return (f"NpySource({len(self.paths)} files, n_rows={self.n_rows}, d_in={self.d_in}, "
-                f"seed={self.seed})")
 
     # -- the ActivationSource interface -------------------------------------------------------
 
@@ -116,17 +119,40 @@ class NpySource:
     def gather(self, table_rows: np.ndarray) -> np.ndarray:
         """float32 [len(table_rows), d] rows of the concatenated table, in the order given.
 
-        Each shard is read with sorted row indices (sequential-ish page access on the mmap),
-        and the rows are written back to their requested positions."""
+        The requested rows are sorted once and each shard is read with its run of sorted row
+        indices (sequential-ish page access on the mmap; cost linear in the rows, not in
+        rows x shards); the rows are written back to their requested positions."""
         table_rows = np.asarray(table_rows, np.int64)
         out = np.empty((len(table_rows), self.d_in), np.float32)
-        shard = np.searchsorted(self._ends, table_rows, side="right")
-        for s in np.unique(shard):
-            where = np.flatnonzero(shard == s)
-            local = table_rows[where] - self._starts[s]
-            order = np.argsort(local, kind="stable")
-            out[where[order]] = self._shards[s][local[order]]
+        order = np.argsort(table_rows, kind="stable")
+        ordered = table_rows[order]
+        shard = np.searchsorted(self._ends, ordered, side="right")
+        cuts = np.flatnonzero(np.diff(shard)) + 1
+        for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(ordered)]])):
+            if a == b:
+                continue
+            s = shard[a]
+            block = self._shards[s][ordered[a:b] - self._starts[s]]
+            out[order[a:b]] = block if self._decode is None else self._decode(block)
         return out
+
+
+class NpySource(ShuffledTable):
+    """Rows of one or more memory-mapped .npy shards, shuffled per epoch (see module docstring)."""
+
+    def __init__(self, paths: str | os.PathLike | list[str | os.PathLike], seed: int = 0):
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.paths = expand_paths(paths)
+        shards = [open_shard(p) for p in self.paths]
+        d_in = _common_width(self.paths, shards)
+        if sum(len(s) for s in shards) == 0:
+            raise ValueError(f"the data files hold no rows: {self.paths}")
+        super().__init__(shards, d_in, seed)
+
+    def __repr__(self) -> str:
+        return (f"NpySource({len(self.paths)} files, n_rows={self.n_rows}, d_in={self.d_in}, "
+                f"seed={self.seed})")
 
 
 def _common_width(paths: list[str], shards: list[np.ndarray]) -> int:

@@ -38,8 +38,6 @@ not a dataset. A non-empty directory the writer did not create is never touched.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import re
@@ -47,18 +45,17 @@ from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
+from saejax.atomic import (MANIFEST, MARKER, read_manifest_json, sha256_file, write_json_atomic,
+                           write_npy_atomic)
 from saejax.text.tokenizer import encode_batch, tokenizer_name
 
 BosMode = Literal["every_context", "document", "none"]
 Separator = Literal["eos", "bos", "none"]
 BOS_MODES = ("every_context", "document", "none")
 
-MANIFEST = "manifest.json"
-MARKER = ".incomplete"
 FORMAT = "saejax.tokens"
 VERSION = 1
 _SHARD = re.compile(r"tokens_\d{5,}\.npy(\.tmp)?\Z")
-_HASH_CHUNK = 1 << 20
 
 
 # -- packing ------------------------------------------------------------------------------------
@@ -229,7 +226,7 @@ def write_token_dataset(docs: Iterable[str], tokenizer, out_dir: str | os.PathLi
         "dropped_tail_tokens": None if stopped else packer.tail,
         "shards": shards,
     }
-    _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+    write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
     os.remove(os.path.join(out_dir, MARKER))
     return TokenDataset(out_dir)
 
@@ -277,26 +274,8 @@ def _write_shard(out_dir: str, index: int, rows: np.ndarray, dtype: np.dtype,
         raise ValueError(f"{name}: token id {int(rows.max())} does not fit {dtype.name} "
                          f"(tokenizer vocab_size={vocab_size}); the tokenizer reports a wrong "
                          f"vocabulary size")
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(rows, dtype=dtype))
-    data = buf.getvalue()
-    path = os.path.join(out_dir, name)
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    return {"file": name, "rows": int(len(rows)), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    sha256 = write_npy_atomic(os.path.join(out_dir, name), rows.astype(dtype, copy=False))
+    return {"file": name, "rows": int(len(rows)), "sha256": sha256}
 
 
 def _touch(path: str) -> None:
@@ -372,12 +351,9 @@ class TokenDataset:
         """Check every shard's sha256 against the manifest (error names the first bad shard)."""
         for entry in self.manifest["shards"]:
             path = os.path.join(self.path, entry["file"])
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(_HASH_CHUNK):
-                    digest.update(chunk)
-            if digest.hexdigest() != entry["sha256"]:
-                raise ValueError(f"{path}: checksum mismatch (sha256 {digest.hexdigest()}, "
+            digest = sha256_file(path)
+            if digest != entry["sha256"]:
+                raise ValueError(f"{path}: checksum mismatch (sha256 {digest}, "
                                  f"manifest says {entry['sha256']}); the shard is corrupt or "
                                  f"was modified: re-run the packer")
 
@@ -400,23 +376,11 @@ class TokenDataset:
 def read_manifest(path: str) -> dict[str, Any]:
     """The manifest of the token dataset at `path`, checked for the fields readers rely on."""
     file = os.path.join(path, MANIFEST)
-    if not os.path.isfile(file):
-        hint = (f" (it holds the {MARKER} marker: a write was interrupted; re-run the packer)"
-                if os.path.exists(os.path.join(path, MARKER)) else "")
-        raise ValueError(f"{path} is not a token dataset: no {MANIFEST}{hint}")
-    try:
-        with open(file, encoding="utf-8") as f:
-            m = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from e
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ValueError(f"{file}: not a saejax token manifest (format != {FORMAT!r})")
-    if m.get("version") != VERSION:
-        raise ValueError(f"{file}: version {m.get('version')!r}, this saejax reads {VERSION}")
-    for key, kind in (("ctx_len", int), ("n_contexts", int), ("dtype", str), ("bos", str),
-                      ("tokenizer", dict), ("shards", list)):
-        if not isinstance(m.get(key), kind):
-            raise ValueError(f"{file}: field {key!r} missing or not a {kind.__name__}")
+    m = read_manifest_json(
+        path, what="a token dataset", fmt=FORMAT, version=VERSION,
+        fields={"ctx_len": int, "n_contexts": int, "dtype": str, "bos": str, "tokenizer": dict,
+                "shards": list},
+        rerun_hint="a write was interrupted; re-run the packer")
     if m["dtype"] not in ("uint16", "uint32"):
         raise ValueError(f"{file}: dtype {m['dtype']!r} is not uint16 or uint32")
     for i, s in enumerate(m["shards"]):

@@ -1,0 +1,92 @@
+"""Durable file writes (tmp file + fsync + os.replace) and sha256 checksums.
+
+Shared by the on-disk datasets (token shards in `saejax.text.tokens`, activation stores in
+`saejax.data.store`): a reader sees either the old file or the complete new one, never a torn
+write, and every shard's checksum is computed from the bytes as they are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+_HASH_CHUNK = 1 << 20
+
+
+class _HashingWriter:
+    """A write-only file object that hashes everything written through it."""
+
+    def __init__(self, f):
+        self._f = f
+        self.digest = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self._f.write(data)
+
+
+def write_npy_atomic(path: str, array: np.ndarray) -> str:
+    """Save `array` as an .npy file at `path` via `path.tmp` + fsync + rename; return the
+    sha256 of the file's bytes (header included), computed while writing."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        w = _HashingWriter(f)
+        np.save(w, np.ascontiguousarray(array), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return w.digest.hexdigest()
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write `obj` as indented JSON (trailing newline) via `path.tmp` + fsync + rename."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+MANIFEST = "manifest.json"
+"""Written last, atomically: a directory without it is not a complete dataset."""
+MARKER = ".incomplete"
+"""Present while a writer runs: tells an interrupted write from a directory of other files."""
+
+
+def read_manifest_json(path: str, *, what: str, fmt: str, version: int,
+                       fields: dict[str, type], rerun_hint: str) -> dict[str, Any]:
+    """The manifest of the on-disk dataset at `path`, checked for format, version and the
+    top-level `fields` (name -> type) readers rely on; errors name the file and the field."""
+    file = os.path.join(path, MANIFEST)
+    if not os.path.isfile(file):
+        hint = (f" (it holds the {MARKER} marker: {rerun_hint})"
+                if os.path.exists(os.path.join(path, MARKER)) else "")
+        raise ValueError(f"{path} is not {what}: no {MANIFEST}{hint}")
+    try:
+        with open(file, encoding="utf-8") as f:
+            m = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(m, dict) or m.get("format") != fmt:
+        raise ValueError(f"{file}: not a saejax {what} manifest (format != {fmt!r})")
+    if m.get("version") != version:
+        raise ValueError(f"{file}: version {m.get('version')!r}, this saejax reads {version}")
+    for key, kind in fields.items():
+        if not isinstance(m.get(key), kind):
+            raise ValueError(f"{file}: field {key!r} missing or not a {kind.__name__}")
+    return m
