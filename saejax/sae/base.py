@@ -68,8 +68,16 @@ class SAE(nnx.Module):
         self.cfg = cfg
 
     def pre_activations(self, x: jax.Array) -> jax.Array:
-        """W_enc (x - b_dec) + b_enc: the paper's x̄ = x - b_d, then the encoder."""
-        return (x - self.b_dec[...]) @ self.W_enc[...] + self.b_enc[...]
+        """W_enc (x - b_dec) + b_enc: the paper's x̄ = x - b_d, then the encoder.
+
+        The value is bit for bit that of `(x - b_dec) @ W_enc + b_enc`, but b_dec's gradient
+        through the encoder goes through the [d]@[d,F] product of the second term. Written the
+        plain way, autodiff forms dpre @ W_encᵀ ([B,F]@[F,d]) and then sums it over the batch:
+        a sixth full matmul that the step does not need.
+        """
+        b_dec, w_enc = self.b_dec[...], self.W_enc[...]
+        held = jax.lax.stop_gradient(b_dec)
+        return (x - held) @ w_enc + (self.b_enc[...] - (b_dec - held) @ w_enc)
 
     def encode(self, x: jax.Array) -> jax.Array:
         raise NotImplementedError

@@ -45,8 +45,14 @@ class TopKSAE(SAE):
         """Reconstruct the main model's residual from the top k_aux dead latents (0 if none)."""
         if dead is None:
             return jnp.zeros(())
-        masked = jnp.where(dead, pre, jnp.finfo(pre.dtype).min)
-        z_aux = keep_top_k(masked, self.k_aux)
-        e_hat = z_aux @ self.W_dec[...]
-        residual = jax.lax.stop_gradient(residual)
-        return jnp.where(dead.any(), jnp.square(e_hat - residual).mean(), 0.0)
+
+        def aux(pre: jax.Array, residual: jax.Array) -> jax.Array:
+            masked = jnp.where(dead, pre, jnp.finfo(pre.dtype).min)
+            e_hat = keep_top_k(masked, self.k_aux) @ self.W_dec[...]
+            return jnp.square(e_hat - jax.lax.stop_gradient(residual)).mean()
+
+        # A cond, not a where: steps with no dead latent (all steps of the first dead window, and
+        # runs where none die) skip the k_aux top-k, its scatter, a dense [B,F]@[F,d] product
+        # and their gradients.
+        return jax.lax.cond(dead.any(), aux, lambda pre, _: jnp.zeros((), pre.dtype),
+                            pre, residual)
