@@ -1,0 +1,54 @@
+"""Harvest a language model's activations over a token dataset into an activation store.
+
+The one place where the LM side meets the store: load the model (`saejax.lm.load_lm`), check the
+sites, compile the early-stopping capture forward (`saejax.lm.cache_fn`) and hand it to
+`saejax.data.store.harvest_to_store`, which shards, checksums and resumes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+
+from saejax.config import ConfigError
+
+
+def check_sites(sites: Sequence[str], valid: Sequence[str]) -> None:
+    """Reject unknown hook sites, listing the valid ones."""
+    if not sites:
+        raise ConfigError(f"name at least one hook site; valid sites: {', '.join(valid)}")
+    unknown = [s for s in sites if s not in valid]
+    if unknown:
+        raise ConfigError(f"unknown hook site {unknown[0]!r}; valid sites: {', '.join(valid)}")
+
+
+def harvest(lm_path: str | os.PathLike, tokens_path: str | os.PathLike,
+            out_dir: str | os.PathLike, sites: Sequence[str], *, contexts_per_shard: int = 1024,
+            batch_contexts: int = 32, dtype: str = "float32", drop_bos: bool = True,
+            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run the LM at `lm_path` over every context of the token dataset at `tokens_path` and store
+    the activations at `sites` in `out_dir`; returns the store manifest. Re-running after an
+    interruption continues where it stopped."""
+    from saejax.data.store import harvest_to_store
+    from saejax.lm import cache_fn, load_lm
+    from saejax.text.tokens import TokenDataset
+
+    try:
+        lm = load_lm(lm_path)
+        tokens = TokenDataset(tokens_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+    check_sites(sites, lm.hook_names())
+    if tokens.manifest["tokenizer"].get("vocab_size", 0) > lm.cfg.vocab_size:
+        raise ConfigError(f"token dataset {tokens_path} has vocabulary "
+                          f"{tokens.manifest['tokenizer']['vocab_size']} but the model at "
+                          f"{lm_path} has {lm.cfg.vocab_size}")
+    forward, state = cache_fn(lm, sites)
+    provenance = {"model": os.fspath(lm_path), "model_type": lm.cfg.model_type,
+                  "tokenizer": tokens.manifest["tokenizer"]}
+    return harvest_to_store(
+        tokens, lambda t: forward(state, jnp.asarray(t))[1], out_dir, sites=list(sites),
+        contexts_per_shard=contexts_per_shard, batch_contexts=batch_contexts, dtype=dtype,
+        drop_bos=drop_bos, provenance=provenance, overwrite=overwrite, progress=progress)
