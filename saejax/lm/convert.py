@@ -1,13 +1,16 @@
-"""Shared pieces of the Hugging Face -> saejax mapping used by the family modules.
+"""Shared pieces of the Hugging Face <-> saejax mapping used by the family modules.
 
 A family module provides `config_from_hf(hf_config) -> LMConfig` and
 `weight_map(cfg) -> {saejax param path: Tensor}`, where a `Tensor` names the checkpoint key(s)
 to read and the numpy transform into saejax's layout (e.g. transpose torch's [out, in] Linear).
+The same table serves saving (`to_checkpoint`): each `Tensor` may also declare the inverse
+transform, and a checkpoint tensor fused from several saejax parameters (GPT-2's c_attn) is
+named by one entry per piece. A family that can be saved also provides `config_to_hf(cfg)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,12 +24,73 @@ if TYPE_CHECKING:  # transformers is imported lazily: it is slow to import
 Transform = Callable[[np.ndarray], np.ndarray]
 
 
+def same(a: np.ndarray) -> np.ndarray:
+    """The identity transform (checkpoint and saejax layouts agree)."""
+    return a
+
+
 @dataclass(frozen=True)
 class Tensor:
-    """Read the first of `keys` present in the checkpoint and apply `fn`."""
+    """Read the first of `keys` present in the checkpoint and apply `fn`.
+
+    Saving writes `keys[0]` (the full name, with the base-model prefix) as `inv(param)`; `inv`
+    defaults to the identity when `fn` is, and is otherwise required for saving. Several entries
+    with the same `keys[0]` and `part` = 0, 1, ... are the pieces of one fused checkpoint tensor:
+    their `inv` outputs are concatenated along `axis` in `part` order.
+    """
 
     keys: tuple[str, ...]
-    fn: Transform = lambda a: a
+    fn: Transform = same
+    inv: Transform | None = None
+    part: int | None = None
+    axis: int = 0
+
+    def inverse(self, param: str) -> Transform:
+        if self.inv is not None:
+            return self.inv
+        if self.fn is same:
+            return same
+        raise NotImplementedError(
+            f"the weight map gives no inverse transform for {param} ({self.keys[0]}): this "
+            "family can be loaded but not saved"
+        )
+
+
+def to_checkpoint(
+    wmap: Mapping[str, Tensor], params: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """{checkpoint key: array}: saejax parameters {dotted path: array} laid out as the checkpoint
+    `wmap` reads them. Every result is read back through `wmap` and must give each parameter
+    exactly (transforms are reshapes, slices and transposes), so a wrong inverse fails here."""
+    missing, extra = sorted(set(wmap) - set(params)), sorted(set(params) - set(wmap))
+    if missing or extra:
+        raise ValueError(f"parameters do not match the weight map: missing {missing}, "
+                         f"not in the map {extra}")
+    groups: dict[str, list[tuple[int | None, str]]] = {}
+    for name, spec in wmap.items():
+        groups.setdefault(spec.keys[0], []).append((spec.part, name))
+    out = {}
+    for key, members in groups.items():
+        if len(members) == 1 and members[0][0] is None:
+            name = members[0][1]
+            out[key] = np.ascontiguousarray(wmap[name].inverse(name)(np.asarray(params[name])))
+            continue
+        members.sort(key=lambda m: -1 if m[0] is None else m[0])
+        if [m[0] for m in members] != list(range(len(members))):
+            raise ValueError(f"{key}: fused from {[m[1] for m in members]} with parts "
+                             f"{[m[0] for m in members]}, expected 0..{len(members) - 1}")
+        axes = {wmap[name].axis for _, name in members}
+        if len(axes) != 1:
+            raise ValueError(f"{key}: pieces disagree on the concatenation axis ({axes})")
+        pieces = [wmap[name].inverse(name)(np.asarray(params[name])) for _, name in members]
+        out[key] = np.ascontiguousarray(np.concatenate(pieces, axis=axes.pop()))
+    for name, spec in wmap.items():
+        back, want = np.asarray(spec.fn(out[spec.keys[0]])), np.asarray(params[name])
+        if (back.shape, back.dtype) != (want.shape, want.dtype) or (
+            np.ascontiguousarray(back).tobytes() != np.ascontiguousarray(want).tobytes()
+        ):
+            raise RuntimeError(f"weight map round trip of {name} via {spec.keys[0]} is not exact")
+    return out
 
 
 def names(prefix: str, name: str) -> tuple[str, ...]:

@@ -1,0 +1,745 @@
+"""Train a language model (by default the Towards Monosemanticity one-layer model) on a token
+dataset, with the SAE engine's conventions, and save it as a Hugging Face directory.
+
+    cfg = load_lm_train_config("lm.yaml", ["data.tokens=data/tokens", "train.run_dir=runs/lm"])
+    summary = train_lm(cfg)   # -> runs/lm/{config.yaml, metrics.jsonl, checkpoints/, hf/}
+
+Conventions (as `saejax.train`): one jitted step whose shardings and donation are declared in one
+place (`LMStepContract`), the batch [B, ctx_len] sharded over `data`, the model and its optimizer
+moments laid out by the logical-axis rules table (replicated today); the state is created already
+sharded (`jax.jit(init, out_shardings=...)`); metrics are read back on log steps only; the data
+position is a pure function of the step; Orbax checkpoints (`saejax.checkpoint.Checkpointer`)
+hold everything else, so a run restarted from its run directory continues bit for bit.
+
+Loss. Next-token cross-entropy, mean over the B × (ctx_len − 1) predicted positions, computed in
+float32. Nothing is masked: position 0 (the BOS in `every_context` datasets) is never a target,
+and a BOS/EOS in the middle of a context marks a document boundary, which is worth predicting
+(GPT-2 was trained that way). Attention is not masked at document boundaries (ordinary packing).
+
+Data. The last `data.val_contexts` contexts of the dataset are held out; training draws from the
+others in epochs, each a permutation seeded by (seed, epoch), and step s takes positions
+[s·B, (s+1)·B) of that endless stream (a batch may straddle two epochs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+
+from saejax import config as config_lib
+from saejax import sharding
+from saejax.checkpoint import Checkpointer
+from saejax.config import ConfigError, MeshConfig
+from saejax.lm.model import ACTIVATIONS, LM, LMConfig
+from saejax.train.metrics import NonFiniteLossError
+
+F32 = jnp.float32
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass
+class LMModelConfig:
+    """The architecture, as transformers' GPT2Config fields (defaults: the paper's model)."""
+
+    n_layer: int = 1
+    """Transformer blocks (Towards Monosemanticity: 1)."""
+    n_embd: int = 128
+    """d_model, the residual stream width (paper: 128)."""
+    n_head: int = 4
+    """Attention heads; must divide n_embd."""
+    n_inner: int = 512
+    """MLP width (paper: 512, the activations the SAE is trained on)."""
+    activation_function: str = "relu"
+    """MLP nonlinearity, a transformers name (paper: relu)."""
+    n_positions: int = 0
+    """Learned positions; 0 = the dataset's ctx_len."""
+    vocab_size: int = 0
+    """0 = the dataset tokenizer's vocabulary size."""
+    layer_norm_epsilon: float = 1e-5
+    """LayerNorm ε."""
+    tie_word_embeddings: bool = False
+    """Share the unembedding with the token embedding. Off: the Anthropic models this reproduces
+    keep W_U separate (it costs vocab × n_embd parameters)."""
+
+
+@dataclass
+class LMDataConfig:
+    tokens: str = ""
+    """Token dataset directory (`saejax.text.tokens.write_token_dataset`)."""
+    val_contexts: int = 512
+    """The last this-many contexts are held out for the validation loss; 0 = no validation."""
+    tokenizer: str = ""
+    """Tokenizer directory copied into run_dir/hf; "" = the dataset manifest's tokenizer when that
+    names a local directory holding tokenizer files (else none is copied)."""
+
+
+@dataclass
+class LMOptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    warmup_steps: int = 200
+    """Linear warm-up: step s (0-based) uses lr·(s+1)/warmup_steps."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """LR shape after warm-up, down to lr·min_lr_ratio at the last step."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of `lr` (cosine/linear)."""
+    b1: float = 0.9
+    """AdamW β1."""
+    b2: float = 0.95
+    """AdamW β2."""
+    eps: float = 1e-8
+    """AdamW ε."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, on matrices and embeddings only (not biases or norm scales)."""
+    grad_clip: float = 1.0
+    """Clip gradients to this global norm; 0 = off."""
+
+
+@dataclass
+class LMRunConfig:
+    steps: int = 10_000
+    """Optimizer steps. Fixes the LR schedule, so it cannot change when a run is resumed."""
+    batch_size: int = 64
+    """Global batch size in contexts, split over the `data` axis."""
+    seed: int = 0
+    """Seed of parameter init and data order."""
+    log_every: int = 50
+    """Read metrics back every this many steps (the only host syncs of ordinary steps)."""
+    eval_every: int = 500
+    """Validation loss every this many steps (and at the end); 0 = at the end only."""
+    checkpoint_every: int = 1000
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 3
+    """Keep the newest N checkpoints."""
+    async_checkpointing: bool = True
+    """Write checkpoints in the background."""
+    run_dir: str = "runs/lm"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, hf/. An existing run is resumed."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class LMTrainConfig:
+    model: LMModelConfig = field(default_factory=LMModelConfig)
+    data: LMDataConfig = field(default_factory=LMDataConfig)
+    optim: LMOptimConfig = field(default_factory=LMOptimConfig)
+    train: LMRunConfig = field(default_factory=LMRunConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    """`data` = -1 uses all devices; an explicit data × model uses the first that many (one
+    process). The model is replicated (the rules table maps LM axes to no mesh axis)."""
+
+
+# Fields that may change when a run is resumed: they do not change what is computed.
+RESUMABLE_CHANGES = {
+    "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.async_checkpointing", "train.run_dir", "train.progress", "data.tokens",
+    "data.tokenizer", "mesh.data", "mesh.model",
+}  # fmt: skip  (data.tokens may move: the dataset itself is checked by content)
+
+
+def load_lm_train_config(path: str | os.PathLike | None = None,
+                         overrides: list[str] = ()) -> LMTrainConfig:
+    """Defaults <- YAML file <- dotted `a.b=value` overrides (as `saejax.config.load_config`)."""
+    import yaml
+
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        tree = config_lib._floatify(yaml.safe_load(p.read_text()) or {})
+    for text in overrides:
+        config_lib._set_dotted(tree, *config_lib.parse_override(text))
+    return config_lib.from_dict(LMTrainConfig, tree)
+
+
+def validate(cfg: LMTrainConfig) -> None:
+    """Field checks that need no dataset (`_check_against_data` does the rest)."""
+    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
+    positive = {
+        "model.n_layer": m.n_layer, "model.n_embd": m.n_embd, "model.n_head": m.n_head,
+        "model.n_inner": m.n_inner, "train.steps": t.steps, "train.batch_size": t.batch_size,
+        "train.log_every": t.log_every, "train.checkpoint_every": t.checkpoint_every,
+        "train.keep_checkpoints": t.keep_checkpoints, "optim.lr": o.lr,
+    }  # fmt: skip
+    for name, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{name} must be > 0, got {v}")
+    non_negative = {
+        "model.n_positions": m.n_positions, "model.vocab_size": m.vocab_size,
+        "data.val_contexts": d.val_contexts, "train.eval_every": t.eval_every,
+        "optim.warmup_steps": o.warmup_steps, "optim.weight_decay": o.weight_decay,
+        "optim.grad_clip": o.grad_clip, "optim.min_lr_ratio": o.min_lr_ratio,
+    }  # fmt: skip
+    for name, v in non_negative.items():
+        if v < 0:
+            raise ConfigError(f"{name} must be >= 0, got {v}")
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd}")
+    if m.activation_function not in ACTIVATIONS:
+        raise ConfigError(f"model.activation_function {m.activation_function!r} not one of "
+                          f"{sorted(ACTIVATIONS)}")
+    if not d.tokens:
+        raise ConfigError("data.tokens: the token dataset directory is required")
+
+
+# ---------------------------------------------------------------- model, loss, optimizer
+
+
+def to_lm_config(cfg: LMModelConfig, ctx_len: int, vocab_size: int) -> LMConfig:
+    """The saejax architecture, through transformers' GPT2Config and the GPT-2 family mapping
+    (the same translation `load_lm` applies to the saved directory)."""
+    from transformers import GPT2Config
+
+    from saejax.lm import gpt2
+
+    return gpt2.config_from_hf(GPT2Config(
+        vocab_size=cfg.vocab_size or vocab_size, n_positions=cfg.n_positions or ctx_len,
+        n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.n_inner,
+        activation_function=cfg.activation_function, layer_norm_epsilon=cfg.layer_norm_epsilon,
+        tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=None, eos_token_id=None))
+
+
+def next_token_losses(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """float32 [B, T-1]: cross-entropy of predicting tokens[:, 1:] from logits[:, :-1]."""
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, :-1].astype(F32), tokens[:, 1:])
+
+
+def lr_schedule(o: LMOptimConfig, steps: int) -> Callable[[jax.Array], jax.Array]:
+    """Step (0-based) -> learning rate: linear warm-up, then `decay` to lr·min_lr_ratio."""
+    w = o.warmup_steps
+    n = max(steps - w, 1)
+    end = o.lr * o.min_lr_ratio
+    after = {
+        "constant": optax.constant_schedule(o.lr),
+        "linear": optax.linear_schedule(o.lr, end, n),
+        "cosine": optax.cosine_decay_schedule(o.lr, n, alpha=o.min_lr_ratio),
+    }[o.decay]
+
+    def lr(step):
+        step = jnp.asarray(step)
+        warm = o.lr * jnp.minimum(1.0, (step + 1).astype(F32) / max(w, 1))
+        return jnp.where(step < w, warm, after(jnp.maximum(step - w, 0))).astype(F32)
+
+    return lr
+
+
+def make_optimizer(o: LMOptimConfig, steps: int) -> optax.GradientTransformation:
+    adamw = optax.adamw(lr_schedule(o, steps), b1=o.b1, b2=o.b2, eps=o.eps,
+                        weight_decay=o.weight_decay,
+                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip else adamw
+
+
+# Parameters live in the state as a nested dict of arrays keyed by the LM's parameter path
+# ("blocks" -> "0" -> "attn" -> "wq"): plain pytrees for Orbax and optax, merged into the NNX
+# module inside the jitted functions.
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for name, v in flat.items():
+        *head, last = name.split(".")
+        node = out
+        for k in head:
+            node = node.setdefault(k, {})
+        node[last] = v
+    return out
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+@struct.dataclass
+class LMTrainState:
+    step: jax.Array
+    """int32 scalar: optimizer steps completed."""
+    params: dict
+    """LM parameters, nested dict keyed by parameter path."""
+    opt_state: Any
+    """optax state of `params`."""
+    loss_sum: jax.Array
+    """float32 scalar: sum of the training losses of the current logging window."""
+    nonfinite_step: jax.Array
+    """int32 scalar: first step (0-based) whose loss was NaN/Inf, or -1."""
+
+
+@dataclasses.dataclass
+class LMStepContract:
+    """Shardings, donation and compiled functions of one LM run, declared in one place.
+
+    step_fn(state, tokens[B, T]) -> (state, metrics)       state donated; tokens over `data`
+    eval_fn(params, tokens[B, T], weights[B]) -> [2]       (Σ weight·token loss, Σ weight·(T-1))
+    init_fn() -> state                                     created with the state's shardings
+    The state follows the logical-axis rules table (parameters and their moments alike); metrics
+    and eval sums are replicated.
+    """
+
+    mesh: Mesh
+    lm_config: LMConfig
+    graphdef: Any
+    tx: optax.GradientTransformation
+    schedule: Callable
+    state_shardings: LMTrainState
+    batch_sharding: NamedSharding
+    weight_sharding: NamedSharding
+    step_fn: Callable
+    eval_fn: Callable
+    init_fn: Callable
+
+    @classmethod
+    def build(cls, cfg: LMTrainConfig, lm_cfg: LMConfig, mesh: Mesh) -> "LMStepContract":
+        seed, log_every = cfg.train.seed, cfg.train.log_every
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LM(lm_cfg, rngs=nnx.Rngs(0))))
+        variables = {".".join(map(str, p)): (p, v) for p, v in nnx.to_flat_state(abstract)}
+        tx = make_optimizer(cfg.optim, cfg.train.steps)
+        schedule = lr_schedule(cfg.optim, cfg.train.steps)
+
+        def merge(params: dict) -> LM:
+            flat = _flatten(params)
+            return nnx.merge(graphdef, nnx.from_flat_state(
+                [(p, v.replace(value=flat[name])) for name, (p, v) in variables.items()]))
+
+        def init() -> LMTrainState:
+            _, state = nnx.split(LM(lm_cfg, rngs=nnx.Rngs(seed)))
+            params = _nest({".".join(map(str, p)): v.get_value()
+                            for p, v in nnx.to_flat_state(state)})
+            return LMTrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=tx.init(params), loss_sum=jnp.zeros((), F32),
+                                nonfinite_step=jnp.full((), -1, jnp.int32))
+
+        def train_step(state: LMTrainState, tokens: jax.Array):
+            def loss_fn(params):
+                return next_token_losses(merge(params)(tokens), tokens).mean()
+
+            loss, grads = jax.value_and_grad(loss_fn)(state.params)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            loss_sum = jnp.where(state.step % log_every == 0, 0.0, state.loss_sum) + loss
+            bad = (state.nonfinite_step < 0) & ~jnp.isfinite(loss)
+            new = state.replace(
+                step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                opt_state=opt_state, loss_sum=loss_sum,
+                nonfinite_step=jnp.where(bad, state.step, state.nonfinite_step))
+            metrics = {"loss": loss, "loss_sum": loss_sum, "grad_norm": optax.tree.norm(grads),
+                       "lr": schedule(state.step)}
+            return new, metrics
+
+        def eval_sums(params: dict, tokens: jax.Array, weights: jax.Array) -> jax.Array:
+            per_row = next_token_losses(merge(params)(tokens), tokens).sum(axis=1)
+            n = tokens.shape[1] - 1
+            return jnp.stack([jnp.sum(weights * per_row), jnp.sum(weights) * n])
+
+        # -- the contract
+        rep = sharding.replicated(mesh)
+        param_sh = _nest({name: sharding.named(mesh, v.get_metadata().get("out_sharding"))
+                          for name, (_, v) in variables.items()})
+        abstract_state = jax.eval_shape(init)
+        opt_sh = optax.tree_map_params(  # eval_shape(opt.init) carries no shardings
+            tx, lambda _, sh: sh, abstract_state.opt_state, param_sh,
+            transform_non_params=lambda _: rep)
+        state_sh = LMTrainState(step=rep, params=param_sh, opt_state=opt_sh, loss_sum=rep,
+                                nonfinite_step=rep)
+        batch_sh = sharding.batch_sharding(mesh)  # [B, T]: rows over `data`
+        weight_sh = sharding.named(mesh, ("batch",))
+        return cls(
+            mesh, lm_cfg, graphdef, tx, schedule, state_sh, batch_sh, weight_sh,
+            step_fn=jax.jit(train_step, in_shardings=(state_sh, batch_sh),
+                            out_shardings=(state_sh, rep), donate_argnums=(0,)),
+            eval_fn=jax.jit(eval_sums, in_shardings=(param_sh, batch_sh, weight_sh),
+                            out_shardings=rep),
+            init_fn=jax.jit(init, out_shardings=state_sh),
+        )
+
+    def abstract_state(self) -> LMTrainState:
+        """Shapes, dtypes and shardings of the state (the checkpoint restore target)."""
+        shapes = jax.eval_shape(self.init_fn)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            shapes, self.state_shardings)
+
+    def compile(self, batch_size: int, ctx_len: int,
+                with_eval: bool = True) -> tuple[Callable, Callable | None, Any]:
+        """Ahead-of-time compiled (step_fn, eval_fn or None) for these shapes, and the step's
+        memory analysis (None where the backend gives none)."""
+        tokens = jax.ShapeDtypeStruct((batch_size, ctx_len), jnp.int32,
+                                      sharding=self.batch_sharding)
+        weights = jax.ShapeDtypeStruct((batch_size,), F32, sharding=self.weight_sharding)
+        state = self.abstract_state()
+        step = self.step_fn.lower(state, tokens).compile()
+        ev = self.eval_fn.lower(state.params, tokens, weights).compile() if with_eval else None
+        try:
+            mem = step.memory_analysis()
+        except Exception:  # not every backend implements it
+            mem = None
+        return step, ev, mem
+
+
+# ---------------------------------------------------------------- data
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    perm.flags.writeable = False
+    return perm
+
+
+def batch_indices(step: int, batch_size: int, n_train: int, seed: int) -> np.ndarray:
+    """Context indices of step `step`'s global batch: positions [step·B, (step+1)·B) of the
+    stream of epochs, epoch e being a permutation of range(n_train) seeded by (seed, e)."""
+    pos = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+    epoch, offset = np.divmod(pos, n_train)
+    out = np.empty(batch_size, np.int64)
+    for e in np.unique(epoch):
+        where = epoch == e
+        out[where] = _epoch_permutation(seed, int(e), n_train)[offset[where]]
+    return out
+
+
+def _process_rows(mesh: Mesh, n: int) -> tuple[int, int]:
+    """[start, stop) of an n-row global batch held by this process's devices."""
+    if jax.process_count() == 1:
+        return 0, n
+    index = sharding.batch_sharding(mesh).addressable_devices_indices_map((n, 1))
+    starts = sorted({sl[0].indices(n)[0] for sl in index.values()})
+    stops = sorted({sl[0].indices(n)[1] for sl in index.values()})
+    if starts[1:] != stops[:-1]:
+        raise ValueError(f"this process's devices hold non-contiguous rows of the batch: {index}")
+    return starts[0], stops[-1]
+
+
+class _Prefetcher:
+    """Reads upcoming steps' host rows in a thread; `next` places them from the calling thread
+    (host-to-device copies from a second thread can deadlock CPU collectives)."""
+
+    def __init__(self, read: Callable[[int], np.ndarray], start: int, stop: int, depth: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(read, start, stop), daemon=True)
+        self._thread.start()
+
+    def _run(self, read, start: int, stop: int) -> None:
+        for s in range(start, stop):
+            try:
+                item = (read(s), None)
+            except BaseException as e:  # handed to the consumer
+                item = (None, e)
+            while not self._stop.is_set():
+                try:
+                    self._q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if item[1] is not None or self._stop.is_set():
+                return
+
+    def next(self) -> np.ndarray:
+        rows, error = self._q.get()
+        if error is not None:
+            raise error
+        return rows
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _dataset_id(dataset) -> str:
+    """Content identity of a token dataset: sha256 over its shards' checksums and shape."""
+    m = dataset.manifest
+    text = json.dumps([m["ctx_len"], m["n_contexts"], [s["sha256"] for s in m["shards"]]])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _special_ids(dataset) -> dict:
+    """bos/eos token ids for config.json, from the dataset manifest."""
+    m = dataset.manifest
+    tok = m.get("tokenizer", {})
+    bos = m.get("bos_id")
+    eos = m.get("sep_id") if m.get("separator") == "eos" else None
+    if eos is None and tok.get("eos_token") is not None and tok.get("eos_token") == tok.get(
+            "bos_token"):
+        eos = bos
+    return {"bos_token_id": bos, "eos_token_id": eos}
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _check_resumable(run_dir: Path, cfg: LMTrainConfig) -> None:
+    import yaml
+
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.exists():
+        return
+    old = _flatten(yaml.safe_load(saved_file.read_text()) or {})
+    new = _flatten(dataclasses.asdict(cfg))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ConfigError(f"run_dir {run_dir} holds a run with a different config ({diffs}); "
+                          "use another train.run_dir or the same settings")
+
+
+def _write_config(cfg: LMTrainConfig, path: Path) -> None:
+    import yaml
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+class _Metrics:
+    """metrics.jsonl (process 0 only); a resumed run first drops what it will write again."""
+
+    def __init__(self, path: Path, start_step: int, is_main: bool):
+        self.path, self.is_main = path, is_main
+        if is_main and path.exists():
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a killed process
+                if rec["step"] <= start_step and rec.get("event") != "summary":
+                    keep.append(line)
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(path)
+
+    def write(self, record: dict) -> None:
+        if self.is_main:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+def _make_mesh(cfg: MeshConfig) -> Mesh:
+    devices = jax.devices()
+    if cfg.data != -1 and jax.process_count() == 1:
+        devices = devices[: cfg.data * cfg.model]
+    return sharding.make_mesh(cfg, devices)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _check_against_data(cfg: LMTrainConfig, dataset, mesh: Mesh) -> LMConfig:
+    """The checks `validate` cannot do without the dataset and the mesh; returns the LMConfig."""
+    t, ctx, n_val = cfg.train, dataset.ctx_len, cfg.data.val_contexts
+    if dataset.n_contexts - n_val < 1:
+        raise ConfigError(f"data.val_contexts={n_val} leaves no training contexts of the "
+                          f"{dataset.n_contexts} in {cfg.data.tokens}")
+    lm_cfg = to_lm_config(cfg.model, ctx, dataset.vocab_size)
+    if lm_cfg.n_ctx < ctx:
+        raise ConfigError(f"model.n_positions={lm_cfg.n_ctx} < the dataset's ctx_len={ctx}")
+    if lm_cfg.vocab_size < dataset.vocab_size:
+        raise ConfigError(f"model.vocab_size={lm_cfg.vocab_size} < the dataset tokenizer's "
+                          f"{dataset.vocab_size}")
+    if t.batch_size % mesh.shape["data"]:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not a multiple of the "
+                          f"{mesh.shape['data']} devices of the data axis")
+    return lm_cfg
+
+
+def _tokenizer_dir(cfg: LMTrainConfig, dataset) -> str | None:
+    """data.tokenizer, else the packer's tokenizer if it was a local tokenizer directory."""
+    from saejax.lm.save import tokenizer_files
+
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    name = dataset.manifest.get("tokenizer", {}).get("name_or_path") or ""
+    return name if name and tokenizer_files(name) else None
+
+
+def format_summary(s: dict) -> str:
+    parts = [f"step {s['step']}"]
+    if s["train_loss"] is not None:
+        parts.append(f"train loss {s['train_loss']:.4f}")
+    if s["val_loss"] is not None:
+        parts.append(f"val loss {s['val_loss']:.4f}")
+    if s["tokens_per_s"]:
+        parts.append(f"{s['tokens_per_s']:.4g} tokens/s")
+    if s["hf_dir"]:
+        parts.append(f"saved {s['hf_dir']}")
+    return "  ".join(parts)
+
+
+def train_lm(cfg: LMTrainConfig, *, stop_at: int | None = None, quiet: bool = False) -> dict:
+    """Train (or resume) the LM run in cfg.train.run_dir; save run_dir/hf; return the summary.
+
+    stop_at: stop after this many steps (checkpointed there), as a preempted job would; calling
+        again with the same config continues to cfg.train.steps. The hf/ directory is written
+        only when the run reaches cfg.train.steps.
+    """
+    from saejax.lm.save import save_hf
+    from saejax.text.tokens import TokenDataset
+
+    validate(cfg)
+    t = cfg.train
+    dataset = TokenDataset(cfg.data.tokens)
+    mesh = _make_mesh(cfg.mesh)
+    lm_cfg = _check_against_data(cfg, dataset, mesh)
+    ctx, n_val = dataset.ctx_len, cfg.data.val_contexts
+    n_train = dataset.n_contexts - n_val
+
+    run_dir = Path(t.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_resumable(run_dir, cfg)
+    is_main = jax.process_index() == 0
+    if is_main:
+        _write_config(cfg, run_dir / "config.yaml")
+
+    contract = LMStepContract.build(cfg, lm_cfg, mesh)
+    step_fn, eval_fn, mem = contract.compile(t.batch_size, ctx, with_eval=n_val > 0)
+    data_id = _dataset_id(dataset)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=t.keep_checkpoints,
+                        async_save=t.async_checkpointing)
+    restored = ckpt.restore_latest(contract.abstract_state())
+    if restored is not None:
+        start, state, meta = restored
+        if meta.get("dataset") != data_id:
+            raise ConfigError(f"the checkpoint in {run_dir} was trained on another token dataset "
+                              f"than {cfg.data.tokens} (content differs)")
+    else:
+        start, state = 0, contract.init_fn()
+    stop = t.steps if stop_at is None else min(stop_at, t.steps)
+
+    metrics_log = _Metrics(run_dir / "metrics.jsonl", start, is_main)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    metrics_log.write({"step": start, "event": "resume" if start else "start",
+                       "n_params": n_params, "tokens_per_step": t.batch_size * ctx,
+                       "devices": mesh.devices.size,
+                       "step_temp_bytes": getattr(mem, "temp_size_in_bytes", None)})
+
+    row_start, row_stop = _process_rows(mesh, t.batch_size)
+    val_rows = np.arange(n_train, dataset.n_contexts)
+
+    def read(step: int) -> np.ndarray:
+        idx = batch_indices(step, t.batch_size, n_train, t.seed)
+        return dataset.take(idx[row_start:row_stop])
+
+    def val_loss(params) -> float | None:
+        if not n_val:
+            return None
+        total = None
+        for i in range(0, n_val, t.batch_size):
+            idx = val_rows[i:i + t.batch_size]
+            w = np.zeros(t.batch_size, np.float32)
+            w[:len(idx)] = 1.0
+            tokens = np.zeros((t.batch_size, ctx), np.int32)
+            tokens[:len(idx)] = dataset.take(idx)
+            sums = eval_fn(params, sharding.host_batch_to_global(tokens[row_start:row_stop], mesh),
+                           _global(w[row_start:row_stop], contract.weight_sharding))
+            total = sums if total is None else total + sums
+        loss_sum, count = jax.device_get(total)
+        return float(loss_sum / count)
+
+    bar = None
+    if t.progress and not quiet and is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True)
+
+    batches = _Prefetcher(read, start, stop)
+    tok_per_step = t.batch_size * ctx
+    last = {"train_loss": None, "val_loss": None}
+    timed_steps, timed_s = 0, 0.0
+    t0, window_start = time.perf_counter(), start
+    try:
+        for step in range(start, stop):
+            state, metrics = step_fn(state, sharding.host_batch_to_global(batches.next(), mesh))
+            done = step + 1
+            record, synced = None, False
+            if done % t.log_every == 0 or done == stop:
+                m, bad = jax.device_get((metrics, state.nonfinite_step))
+                if bad >= 0:
+                    raise NonFiniteLossError(f"loss became NaN/Inf at step {int(bad) + 1}")
+                dt = time.perf_counter() - t0
+                n_window = (done - 1) % t.log_every + 1
+                record = {"step": done, "train_loss": float(m["loss_sum"]) / n_window,
+                          "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                          "lr": float(m["lr"]), "tokens_seen": done * tok_per_step,
+                          "tokens_per_s": (done - window_start) * tok_per_step / max(dt, 1e-9)}
+                timed_steps += done - window_start
+                timed_s += dt
+                last["train_loss"] = record["train_loss"]
+            if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+                record = record or {"step": done}
+                record["val_loss"] = last["val_loss"] = val_loss(state.params)
+            if done % t.checkpoint_every == 0 or done == stop:
+                bad, finite = jax.device_get((state.nonfinite_step,
+                                              _all_finite((state.params, state.opt_state))))
+                if bad >= 0:
+                    raise NonFiniteLossError(f"loss became NaN/Inf at step {int(bad) + 1}")
+                if not finite:
+                    raise NonFiniteLossError(f"parameters became NaN/Inf at step {done}")
+                ckpt.save(done, state, {"config": dataclasses.asdict(cfg), "step": done,
+                                        "data_position": done, "dataset": data_id})
+                synced = True
+            if record is not None:
+                metrics_log.write(record)
+                if bar is not None:
+                    bar.update(done - bar.n)
+                    bar.set_postfix(loss=f"{last['train_loss']:.4g}",
+                                    tok_s=f"{record.get('tokens_per_s', 0):.3g}")
+            if record is not None or synced:  # the device is idle here: host work is not step time
+                t0, window_start = time.perf_counter(), done
+        ckpt.wait()
+    except NonFiniteLossError as e:
+        ckpt.wait()
+        raise NonFiniteLossError(f"{e}; stopped without saving. Last good checkpoint: "
+                                 f"{ckpt.latest_step()} in {run_dir / 'checkpoints'}") from None
+    finally:
+        batches.close()
+        ckpt.wait()
+        if bar is not None:
+            bar.close()
+    ckpt.close()
+    if stop == t.steps and last["val_loss"] is None:  # a finished run called again
+        last["val_loss"] = val_loss(state.params)
+
+    summary = {"step": stop, "train_loss": last["train_loss"], "val_loss": last["val_loss"],
+               "tokens_seen": stop * tok_per_step, "n_params": n_params,
+               "tokens_per_s": timed_steps * tok_per_step / timed_s if timed_s else None,
+               "hf_dir": None}
+    if stop == t.steps:
+        hf_dir = save_hf(state.params, lm_cfg, run_dir / "hf", _tokenizer_dir(cfg, dataset),
+                         overwrite=True, **_special_ids(dataset))
+        summary["hf_dir"] = str(hf_dir)
+        metrics_log.write({"event": "summary", **summary})
+    if not quiet and is_main:
+        print(format_summary(summary))
+    return summary
+
+
+def _global(local: np.ndarray, sh: NamedSharding) -> jax.Array:
+    """This process's rows -> a global array (as `saejax.sharding.host_batch_to_global`)."""
+    return jax.make_array_from_process_local_data(sh, local)
