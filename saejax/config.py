@@ -234,8 +234,9 @@ def _looks_numeric(s: str) -> bool:
         return False
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults <- YAML file <- dotted overrides, then validation."""
+def load_dataclass(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
+    """Config dataclass `cls` from its defaults <- YAML file <- dotted `a.b=value` overrides,
+    unknown keys and wrong types rejected (no cross-field validation)."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -247,7 +248,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         tree = _floatify(tree)
     for text in overrides:
         _set_dotted(tree, *parse_override(text))
-    cfg = from_dict(Config, tree)
+    return from_dict(cls, tree)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """The SAE training config: defaults <- YAML file <- dotted overrides, then validation."""
+    cfg = load_dataclass(Config, path, overrides)
     validate(cfg)
     return cfg
 
@@ -341,14 +347,14 @@ def resample_steps(cfg: Config) -> list[int]:
 # ---------------------------------------------------------------- reference
 
 
-def config_reference() -> str:
-    """Markdown table of every field: name, default, and the docstring written beside it."""
+def config_reference(root: type = Config) -> str:
+    """Markdown table of every field of `root`: name, default, and the docstring beside it."""
     import ast
     import inspect
 
     rows = ["| field | default | meaning |", "| --- | --- | --- |"]
-    for section in dataclasses.fields(Config):
-        cls = typing.get_type_hints(Config)[section.name]
+    for section in dataclasses.fields(root):
+        cls = typing.get_type_hints(root)[section.name]
         body = ast.parse(inspect.getsource(cls)).body[0].body
         docs = {}
         for node, nxt in zip(body, body[1:]):

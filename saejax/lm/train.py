@@ -159,17 +159,7 @@ RESUMABLE_CHANGES = {
 def load_lm_train_config(path: str | os.PathLike | None = None,
                          overrides: list[str] = ()) -> LMTrainConfig:
     """Defaults <- YAML file <- dotted `a.b=value` overrides (as `saejax.config.load_config`)."""
-    import yaml
-
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        tree = config_lib._floatify(yaml.safe_load(p.read_text()) or {})
-    for text in overrides:
-        config_lib._set_dotted(tree, *config_lib.parse_override(text))
-    return config_lib.from_dict(LMTrainConfig, tree)
+    return config_lib.load_dataclass(LMTrainConfig, path, overrides)
 
 
 def validate(cfg: LMTrainConfig) -> None:
