@@ -56,3 +56,16 @@ def test_errors_name_the_site_and_the_vocabulary(setup, tmp_path):
         harvest(tmp_path / "no_model", root / "tokens", tmp_path / "s", [SITE])
     with pytest.raises(ConfigError, match="not a token dataset"):
         harvest(root / "lm", tmp_path, tmp_path / "s", [SITE])
+
+
+def test_max_contexts_harvests_a_prefix(setup, tmp_path):
+    root, ds = setup
+    full = ActivationStore(root / "store", SITE) if (root / "store").exists() else None
+    harvest(root / "lm", root / "tokens", tmp_path / "part", [SITE], max_contexts=5,
+            progress=False)
+    part = ActivationStore(tmp_path / "part", SITE)
+    tokens = ds.take(np.arange(5))
+    assert part.n_rows == int((tokens != ds.manifest["bos_id"]).sum())
+    if full is not None:
+        np.testing.assert_allclose(part.gather(np.arange(part.n_rows)),  # other batch shapes
+                                   full.gather(np.arange(part.n_rows)), rtol=1e-5, atol=1e-6)

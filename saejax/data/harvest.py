@@ -24,13 +24,28 @@ def check_sites(sites: Sequence[str], valid: Sequence[str]) -> None:
         raise ConfigError(f"unknown hook site {unknown[0]!r}; valid sites: {', '.join(valid)}")
 
 
+class FirstContexts:
+    """The first n contexts of a token dataset, as the store's writer reads them."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.n = dataset, n
+        self.path, self.ctx_len, self.bos_id = dataset.path, dataset.ctx_len, dataset.bos_id
+
+    def __len__(self) -> int:
+        return self.n
+
+    def take(self, indices):
+        return self.dataset.take(indices)
+
+
 def harvest(lm_path: str | os.PathLike, tokens_path: str | os.PathLike,
             out_dir: str | os.PathLike, sites: Sequence[str], *, contexts_per_shard: int = 1024,
             batch_contexts: int = 32, dtype: str = "float32", drop_bos: bool = True,
-            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+            max_contexts: int | None = None, overwrite: bool = False,
+            progress: bool = True) -> dict[str, Any]:
     """Run the LM at `lm_path` over every context of the token dataset at `tokens_path` and store
-    the activations at `sites` in `out_dir`; returns the store manifest. Re-running after an
-    interruption continues where it stopped."""
+    the activations at `sites` in `out_dir` (only its first `max_contexts` contexts if given);
+    returns the store manifest. Re-running after an interruption continues where it stopped."""
     from saejax.data.store import harvest_to_store
     from saejax.lm import cache_fn, load_lm
     from saejax.text.tokens import TokenDataset
@@ -48,6 +63,9 @@ def harvest(lm_path: str | os.PathLike, tokens_path: str | os.PathLike,
     forward, state = cache_fn(lm, sites)
     provenance = {"model": os.fspath(lm_path), "model_type": lm.cfg.model_type,
                   "tokenizer": tokens.manifest["tokenizer"]}
+    if max_contexts is not None and max_contexts < len(tokens):
+        tokens = FirstContexts(tokens, max_contexts)
+        provenance["contexts"] = f"the first {max_contexts}"
     return harvest_to_store(
         tokens, lambda t: forward(state, jnp.asarray(t))[1], out_dir, sites=list(sites),
         contexts_per_shard=contexts_per_shard, batch_contexts=batch_contexts, dtype=dtype,

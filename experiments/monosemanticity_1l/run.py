@@ -1,0 +1,106 @@
+"""The Towards Monosemanticity one-layer pipeline, end to end on local data:
+
+    corpus -> byte-level BPE -> token contexts -> one-layer ReLU LM -> MLP activations -> SAE
+
+    python experiments/monosemanticity_1l/run.py --install       # first time: fetch the sources
+    python experiments/monosemanticity_1l/run.py                 # later: resumes where it stopped
+
+Every stage writes into --work (default data/mono1l, ignored by git) and is skipped when its
+output is complete, and the LM and SAE runs resume from their checkpoints, so an interrupted
+pipeline is continued by running it again. Stage timings and the figures the README reports go
+to <work>/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SITE = "blocks.0.mlp.hook_post"
+
+
+def stage(results: dict, name: str, done: bool, fn) -> None:
+    """Run fn() unless `done`, recording its wall time."""
+    if done:
+        print(f"[{name}] already done")
+        return
+    print(f"[{name}] running")
+    t0 = time.perf_counter()
+    out = fn()
+    results.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 1)
+    if isinstance(out, dict):
+        results[name] = out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--work", default="data/mono1l")
+    p.add_argument("--install", action="store_true")
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--ctx", type=int, default=128)
+    p.add_argument("--lm-steps", type=int, default=6000)
+    p.add_argument("--lm-batch", type=int, default=32)
+    p.add_argument("--harvest-contexts", type=int, default=12_000)
+    p.add_argument("--sae-features", type=int, default=4096)
+    p.add_argument("--sae-steps", type=int, default=8000)
+    p.add_argument("--sae-batch", type=int, default=1024)
+    p.add_argument("--l1", type=float, default=4e-3)
+    args = p.parse_args()
+
+    from saejax.config import load_config
+    from saejax.data.harvest import harvest
+    from saejax.lm.train import load_lm_train_config, train_lm
+    from saejax.text.corpus import Corpus
+    from saejax.text.tokenizer import load_tokenizer, train_bpe
+    from saejax.text.tokens import write_token_dataset
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    res_file = work / "results.json"
+    results = json.loads(res_file.read_text()) if res_file.exists() else {}
+    corpus = work / "corpus" / "corpus.jsonl"
+    tok_dir, tokens, acts = work / "tokenizer", work / "tokens", work / "acts"
+    lm_run, sae_run = work / "lm", work / "sae"
+
+    stage(results, "corpus", corpus.exists(), lambda: subprocess.run(
+        [sys.executable, str(HERE / "corpus.py"), "--out", str(corpus.parent)]
+        + (["--install"] if args.install else []), check=True) and None)
+    docs = Corpus([str(corpus)])
+    stage(results, "tokenizer", (tok_dir / "tokenizer.json").exists(),
+          lambda: train_bpe(docs, args.vocab, tok_dir) and None)
+    stage(results, "tokens", (tokens / "manifest.json").exists(), lambda: {
+        "n_contexts": len(write_token_dataset(docs, load_tokenizer(str(tok_dir)), tokens,
+                                              ctx_len=args.ctx, progress=True))})
+    lm_cfg = load_lm_train_config(None, [
+        f"data.tokens={tokens}", f"data.tokenizer={tok_dir}", f"train.run_dir={lm_run}",
+        f"train.steps={args.lm_steps}", f"train.batch_size={args.lm_batch}"])
+    stage(results, "lm", (lm_run / "hf" / "config.json").exists(), lambda: train_lm(lm_cfg))
+    stage(results, "harvest", (acts / "manifest.json").exists(), lambda: {
+        "n_rows": harvest(lm_run / "hf", tokens, acts, [SITE], dtype="bfloat16",
+                          max_contexts=args.harvest_contexts)["n_rows"]})
+    sae_cfg = load_config(None, [
+        "data.source=store", f"data.store_path={acts}", f"data.site={SITE}", "sae.d_in=512",
+        f"sae.n_features={args.sae_features}", f"sae.l1_coefficient={args.l1}",
+        f"train.steps={args.sae_steps}", f"train.batch_size={args.sae_batch}",
+        f"train.run_dir={sae_run}", "optim.lr=1e-3", "resample.at_fractions=[0.25,0.5,0.75]",
+        f"resample.window_steps={args.sae_steps // 8}", "resample.n_inputs=131072",
+        "train.checkpoint_every=1000"])
+    from saejax.train.loop import train
+    stage(results, "sae", (sae_run / "done").exists(), lambda: _sae(train, sae_cfg, sae_run))
+    res_file.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+def _sae(train, cfg, run_dir: Path) -> dict:
+    summary = train(cfg)
+    (run_dir / "done").write_text("")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
