@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--install", action="store_true")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--ctx", type=int, default=128)
-    p.add_argument("--lm-steps", type=int, default=6000)
+    p.add_argument("--lm-steps", type=int, default=2500)
     p.add_argument("--lm-batch", type=int, default=32)
     p.add_argument("--harvest-contexts", type=int, default=12_000)
     p.add_argument("--sae-features", type=int, default=4096)
