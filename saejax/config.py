@@ -99,9 +99,10 @@ class MeshConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "npy", "store"] = "synthetic"
-    """Where activations come from: generated ground truth, .npy files, or an activation store
-    harvested from a language model (`saejax.data.store`)."""
+    source: Literal["synthetic", "npy", "store", "lm"] = "synthetic"
+    """Where activations come from: generated ground truth, .npy files, an activation store
+    harvested from a language model (`saejax.data.store`), or `lm`: a language model run during
+    training into an on-device shuffle buffer (`saejax.data.onthefly`, no disk)."""
     n_true_features: int = 512
     """synthetic: number of ground-truth feature directions."""
     p_active: float = 0.01
@@ -113,7 +114,29 @@ class DataConfig:
     store_path: str = ""
     """store: directory of an activation store."""
     site: str = ""
-    """store: hook site to train on, e.g. blocks.0.mlp.hook_post ("" = the store's only site)."""
+    """store: hook site to train on, e.g. blocks.0.mlp.hook_post ("" = the store's only site).
+    lm: the hook site to harvest (required)."""
+    lm_path: str = ""
+    """lm: Hugging Face model directory or hub id, loaded by saejax.lm.load_lm."""
+    lm_dtype: Literal["float32", "bfloat16"] = "float32"
+    """lm: dtype of the LM's parameters and forward (the buffer and batches stay float32)."""
+    tokens_path: str = ""
+    """lm: token dataset directory (saejax.text.tokens), contexts in a seeded per-epoch order."""
+    buffer_size: int = 262_144
+    """lm: activation rows held on device: two harvests of buffer_size/2 rows, each served over
+    buffer_size/2/train.batch_size steps. A multiple of 4 x train.batch_size and of
+    2 x buffer_blocks²."""
+    buffer_blocks: int = 16
+    """lm: blocks of the buffer, the unit of its shuffle (a multiple of mesh.data; batches do not
+    depend on the mesh, so keep it fixed to resume a run on another mesh)."""
+    lm_batch_contexts: int = 64
+    """lm: at most this many contexts per LM forward call (its memory); a multiple of
+    buffer_blocks."""
+    drop_bos: bool = True
+    """lm: drop position 0 of every context; every context must start with BOS (tokens packed
+    with bos=every_context). BOS tokens inside contexts are kept."""
+    shuffle_contexts: bool = True
+    """lm: take contexts in a seeded per-epoch permutation (else in dataset order)."""
     seed: int = 0
     """Seed of the data stream (features, sampling, shuffling)."""
 
@@ -324,6 +347,27 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
         raise ConfigError("data.paths must name .npy files when data.source=npy")
     if cfg.data.source == "store" and not cfg.data.store_path:
         raise ConfigError("data.store_path must name an activation store when data.source=store")
+    if cfg.data.source == "lm":
+        d = cfg.data
+        for name in ("lm_path", "tokens_path", "site"):
+            if not getattr(d, name):
+                raise ConfigError(f"data.{name} must be set when data.source=lm")
+        for name in ("buffer_size", "buffer_blocks", "lm_batch_contexts"):
+            if getattr(d, name) <= 0:
+                raise ConfigError(f"data.{name} must be positive, got {getattr(d, name)}")
+        V, B = d.buffer_blocks, t.batch_size
+        if d.buffer_size % (4 * B):
+            raise ConfigError(f"data.buffer_size={d.buffer_size} must be a multiple of "
+                              f"4 x train.batch_size={4 * B}")
+        if (d.buffer_size // 2) % (V * V):
+            raise ConfigError(f"data.buffer_size={d.buffer_size} must be a multiple of "
+                              f"2 x data.buffer_blocks²={2 * V * V}")
+        if B % (2 * V):
+            raise ConfigError(f"train.batch_size={B} must be a multiple of "
+                              f"2 x data.buffer_blocks={2 * V}")
+        if d.lm_batch_contexts % V:
+            raise ConfigError(f"data.lm_batch_contexts={d.lm_batch_contexts} must be a multiple "
+                              f"of data.buffer_blocks={V}")
     if n_devices is not None:
         data, model = resolve_mesh_shape(cfg.mesh, n_devices)
         if s.n_features % model:
@@ -332,6 +376,9 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
             )
         if t.batch_size % data:
             raise ConfigError(f"mesh.data={data} does not divide train.batch_size={t.batch_size}")
+        if cfg.data.source == "lm" and cfg.data.buffer_blocks % data:
+            raise ConfigError(f"mesh.data={data} does not divide "
+                              f"data.buffer_blocks={cfg.data.buffer_blocks}")
 
 
 def resample_steps(cfg: Config) -> list[int]:

@@ -16,6 +16,9 @@ def make_source(cfg: Config):
             from saejax.data.synthetic import SyntheticSource
             src = SyntheticSource(cfg.sae.d_in, d.n_true_features, p_active=d.p_active,
                                   correlated_groups=d.correlated_groups, seed=d.seed)
+        elif d.source == "lm":  # computed on the devices: needs the mesh
+            raise ConfigError("it is computed on the devices, not a host-side source: use "
+                              "saejax.data.onthefly.make_feed(cfg, mesh)")
         elif d.source == "store":
             from saejax.data.store import ActivationStore
             src = ActivationStore(d.store_path, d.site or None, seed=d.seed)
