@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 
 
 def free_port() -> int:
@@ -22,17 +24,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(n: int, devices_per_process: int, saejax_args: list[str], timeout: float | None = None) -> int:
+def _xla_flags(devices_per_process: int) -> str:
+    """The caller's XLA_FLAGS with the fake-device count set (replacing any given)."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "",
+                   os.environ.get("XLA_FLAGS", "")).split()
+    return " ".join([*flags, f"--xla_force_host_platform_device_count={devices_per_process}"])
+
+
+def launch(n: int, devices_per_process: int, saejax_args: list[str], timeout: float | None = None,
+           grace: float = 10.0) -> int:
+    """Start the n processes and wait for them; returns 0 or the first failing exit code.
+
+    When one process fails (or `timeout` seconds pass), the others would wait forever at their
+    next collective, so they are terminated (after `grace` seconds to exit on their own)."""
     port = free_port()
     procs = []
     for i in range(n):
         env = dict(os.environ,
                    SAEJAX_COORDINATOR=f"127.0.0.1:{port}", SAEJAX_NUM_PROCESSES=str(n),
                    SAEJAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+                   XLA_FLAGS=_xla_flags(devices_per_process))
         procs.append(subprocess.Popen([sys.executable, "-m", "saejax.cli", *saejax_args], env=env))
-    codes = [p.wait(timeout=timeout) for p in procs]
-    return max(codes, key=abs)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    first_failure = None
+    try:
+        while True:
+            codes = [p.poll() for p in procs]  # every one, each time
+            if None not in codes:
+                break
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed and first_failure is None:
+                first_failure = failed[0]
+                deadline = min(deadline or float("inf"), time.monotonic() + grace)
+            if deadline is not None and time.monotonic() > deadline:
+                if first_failure is None:
+                    print(f"launch/local.py: timed out after {timeout} s", file=sys.stderr)
+                    first_failure = 124
+                break
+            time.sleep(0.05)
+    finally:  # also on KeyboardInterrupt: leave no process behind
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    if first_failure is None:
+        first_failure = next((p.returncode for p in procs if p.returncode != 0), 0)
+    return first_failure
 
 
 def main() -> int:
@@ -42,7 +84,8 @@ def main() -> int:
     parser.add_argument("saejax_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     rest = args.saejax_args[1:] if args.saejax_args[:1] == ["--"] else args.saejax_args
-    return launch(args.processes, args.devices_per_process, rest)
+    code = launch(args.processes, args.devices_per_process, rest)
+    return 128 - code if code < 0 else code  # killed by signal N: exit 128+N, as a shell does
 
 
 if __name__ == "__main__":

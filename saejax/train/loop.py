@@ -6,29 +6,36 @@ Data position is a pure function of the step, and everything else lives in the c
 
 from __future__ import annotations
 
-import dataclasses
+import collections
+import os
 import queue
 import threading
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from saejax import config as config_lib
 from saejax.checkpoint import Checkpointer
 from saejax.config import Config
 from saejax.data import make_source
-from saejax.data.source import host_rows
-from saejax.sharding import host_batch_to_global, make_mesh
-from saejax.train.metrics import MetricsLogger, NonFiniteLossError
+from saejax.sharding import batch_sharding, host_batch_to_global, make_mesh
+from saejax.train.metrics import MetricsLogger, NonFiniteLossError, nonfinite_message, to_host
 from saejax.train.step import StepContract
 
 # Config fields that may change when a run is resumed (they do not change what is computed).
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.async_checkpointing", "train.tensorboard",
-                     "train.progress", "mesh.data", "mesh.model"}
+                     "train.progress", "train.run_dir", "train.dead_window_tokens",
+                     "mesh.data", "mesh.model"}
 INIT_SAMPLE = 16_384  # rows for the geometric median / input scale
 EVAL_ROWS = 32_768
+MAX_STEPS_IN_FLIGHT = 3
+"""Steps dispatched beyond the newest finished one. The loop waits for step n-3 to finish before
+dispatching step n (it reads nothing back, so accelerators stay busy). Unbounded async dispatch
+deadlocks the CPU backend's collectives once many multi-device steps are queued (seen with 8 fake
+CPU devices: "Expected 8 threads to join the rendezvous"); the bound also caps queued batches."""
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -53,16 +60,57 @@ def check_resumable(saved: dict, cfg: Config) -> None:
 
 
 class Prefetcher:
-    """Builds the global batches of upcoming steps in a background thread."""
+    """Builds the global batches of upcoming steps in a background thread.
+
+    An exception raised while building a batch is re-raised by `next` (instead of leaving the
+    loop waiting forever); `close` stops the thread when the loop ends early."""
 
     def __init__(self, make_batch, start: int, stop: int, depth: int = 2):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(
-            target=lambda: [self._q.put(make_batch(s)) for s in range(start, stop)], daemon=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(make_batch, start, stop),
+                                        daemon=True)
         self._thread.start()
 
+    def _run(self, make_batch, start: int, stop: int) -> None:
+        for s in range(start, stop):
+            try:
+                item = (make_batch(s), None)
+            except BaseException as e:  # handed to the consumer
+                item = (None, e)
+            while not self._stop.is_set():
+                try:
+                    self._q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if item[1] is not None or self._stop.is_set():
+                return
+
     def next(self):
-        return self._q.get()
+        batch, error = self._q.get()
+        if error is not None:
+            raise error
+        return batch
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def process_rows(mesh, n: int) -> tuple[int, int]:
+    """[start, stop): the rows of an n-row global batch that this process's devices hold.
+
+    With several processes this is not always an even split by process index: when the `model`
+    axis spans processes, processes share rows (with `data` = 1, every process feeds all rows)."""
+    if jax.process_count() == 1:
+        return 0, n
+    index = batch_sharding(mesh).addressable_devices_indices_map((n, 1))
+    starts = sorted({sl[0].indices(n)[0] for sl in index.values()})
+    stops = sorted({sl[0].indices(n)[1] for sl in index.values()})
+    if starts[1:] != stops[:-1]:
+        raise ValueError(f"this process's devices hold non-contiguous rows of the batch: {index}")
+    return starts[0], stops[-1]
 
 
 def global_rows(rows: np.ndarray, mesh) -> jax.Array:
@@ -73,9 +121,20 @@ def host_sample(source, n: int, seed: int, mesh) -> np.ndarray:
     """This process's share of a deterministic sample of about n rows (n rounded down so the
     `data` axis divides it)."""
     n -= n % mesh.shape["data"]
-    rows = source.sample(n, seed)
-    per = n // jax.process_count()
-    return rows[jax.process_index() * per:(jax.process_index() + 1) * per]
+    start, stop = process_rows(mesh, n)
+    return source.sample(n, seed)[start:stop]
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _write_config(cfg: Config, path: Path) -> None:
+    """config.yaml, written atomically: other processes of the run read it concurrently."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    config_lib.save_config(cfg, tmp)
+    tmp.replace(path)
 
 
 def train(cfg: Config, *, quiet: bool = False) -> dict:
@@ -89,7 +148,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         import yaml
         check_resumable(yaml.safe_load(saved_cfg.read_text()), cfg)
     if jax.process_index() == 0:
-        config_lib.save_config(cfg, saved_cfg)
+        _write_config(cfg, saved_cfg)
 
     mesh = make_mesh(cfg.mesh)
     source = make_source(cfg)
@@ -110,38 +169,49 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         start_step=start, tensorboard=t.tensorboard, progress=t.progress and not quiet,
         is_main=jax.process_index() == 0)
 
+    row_start, row_stop = process_rows(mesh, t.batch_size)
+
     def batch_at(step: int) -> jax.Array:
-        rows = host_rows(source, step, t.batch_size, jax.process_index(), jax.process_count())
-        return global_rows(rows, mesh)
+        return global_rows(source.rows(step, row_start, row_stop, t.batch_size), mesh)
 
     batches = Prefetcher(batch_at, start, t.steps)
     meta = {"config": config_lib.to_dict(cfg)}
+    in_flight: collections.deque = collections.deque()
     try:
         for step in range(start, t.steps):
             state, metrics = contract.step_fn(state, batches.next())
+            in_flight.append(jax.tree.leaves(metrics)[0])  # metrics are not donated, state is
+            if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+                in_flight.popleft().block_until_ready()
             done = step + 1
+            # Logged before resampling, so the record describes the state this step ran with.
+            if done % t.log_every == 0 or done == t.steps:
+                logger.log(done, metrics, state)
             if done in resample_at:
                 x = global_rows(host_sample(source, cfg.resample.n_inputs, t.seed * 7919 + done, mesh), mesh)
                 state, n_dead = contract.resample_fn(state, x)
                 logger.write({"step": done, "event": "resample", "n_resampled": int(n_dead)})
-            if done % t.log_every == 0 or done == t.steps:
-                logger.log(done, metrics, state)
             if done % t.checkpoint_every == 0 or done == t.steps:
-                if int(jax.device_get(state.nonfinite_step)) >= 0:
-                    raise NonFiniteLossError(
-                        f"loss became NaN/Inf at step {int(state.nonfinite_step)}")
+                bad, finite = to_host((state.nonfinite_step,
+                                       _all_finite((state.params, state.opt_state))))
+                if bad >= 0:
+                    raise NonFiniteLossError(nonfinite_message(bad))
+                if not finite:  # a finite loss whose update overflowed: the next loss is NaN
+                    raise NonFiniteLossError(f"parameters became NaN/Inf at step {done}")
                 ckpt.save(done, state, {**meta, "step": done, "data_position": done})
+        ckpt.wait()
+        summary = summarize(cfg, contract, state, source, mesh)
+        logger.write({"step": t.steps, "event": "summary", **summary})
     except NonFiniteLossError as e:
         ckpt.wait()
         raise NonFiniteLossError(
             f"{e}; stopped without saving. Last good checkpoint: "
             f"{ckpt.latest_step()} in {run_dir / 'checkpoints'}") from None
     finally:
+        batches.close()
         ckpt.wait()
         logger.close()
     ckpt.close()
-    summary = summarize(cfg, contract, state, source, mesh)
-    logger.write({"step": t.steps, "event": "summary", **summary})
     if not quiet and jax.process_index() == 0:
         print(format_summary(summary))
     return summary
@@ -155,11 +225,11 @@ def summarize(cfg: Config, contract: StepContract, state, source, mesh) -> dict:
     x = global_rows(host_sample(source, EVAL_ROWS, 10_000_019 + cfg.train.seed, mesh), mesh)
     out = heldout_metrics(contract.graphdef, state.params, state.input_scale, x)
     window = -(-cfg.train.dead_window_tokens // cfg.train.batch_size)
-    step, last_fired = jax.device_get((state.step, state.last_fired))
+    step, last_fired = to_host((state.step, state.last_fired))
     out["dead_fraction"] = dead_fraction(int(step), last_fired, window)
     if hasattr(source, "features"):
         from saejax.data.synthetic import mmcs
-        out["mmcs"] = mmcs(np.asarray(jax.device_get(state.params["W_dec"])), source.features)
+        out["mmcs"] = mmcs(to_host(state.params["W_dec"]), source.features)
     out["step"] = int(step)
     return out
 

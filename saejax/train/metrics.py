@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 DENSITY_BINS = np.linspace(-8, 0, 33)  # log10 feature density, the paper's histogram axis
 DENSE_THRESHOLD = 0.01  # a feature firing on more than 1% of tokens counts as dense
@@ -20,6 +21,23 @@ DENSE_THRESHOLD = 0.01  # a feature firing on more than 1% of tokens counts as d
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf; the run stopped without saving the bad state."""
+
+
+def nonfinite_message(nonfinite_step: int) -> str:
+    """The error text for `TrainState.nonfinite_step` (the 0-based index of the bad step), naming
+    the step as metrics.jsonl and checkpoints count steps (from 1: "step n" = n steps done)."""
+    return f"loss became NaN/Inf at step {int(nonfinite_step) + 1}"
+
+
+def to_host(tree):
+    """`jax.device_get` that also works in multi-process runs for arrays sharded over devices of
+    other processes (e.g. per-feature records when the `model` axis spans processes): those are
+    all-gathered first. A collective then, so every process must call it (they all log)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+    return jax.tree.map(one, tree)
 
 
 def density_summary(fire_count: np.ndarray, tokens: int) -> dict:
@@ -61,17 +79,28 @@ class MetricsLogger:
         self._last = (start_step, time.perf_counter())
 
     def _truncate_after(self, step: int) -> None:
+        """Drop what a resumed run will write again: records after its checkpoint, the final
+        summary (re-written at the end), and a last line cut short by a killed process."""
         if not self.is_main or not self.path.exists():
             return
-        keep = [l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= step]
-        self.path.write_text("".join(l + "\n" for l in keep))
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a partial line: the process died while appending it
+            if record["step"] <= step and record.get("event") != "summary":
+                keep.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        tmp.replace(self.path)
 
     def log(self, step: int, metrics: dict, state) -> dict:
         """Read back this step's metrics and the sparsity records; write and return them."""
-        metrics, last_fired, fire_count, bad = jax.device_get(
+        metrics, last_fired, fire_count, bad = to_host(
             (metrics, state.last_fired, state.fire_count, state.nonfinite_step))
         if bad >= 0:
-            raise NonFiniteLossError(f"loss became NaN/Inf at step {int(bad)}")
+            raise NonFiniteLossError(nonfinite_message(bad))
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         window_tokens = ((step - 1) % self.log_every + 1) * self.batch_size
         record["dead_fraction"] = dead_fraction(step, last_fired, self.dead_window_steps)
