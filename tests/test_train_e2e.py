@@ -28,7 +28,7 @@ from flax import nnx
 
 from saejax import cli
 from saejax.checkpoint import Checkpointer
-from saejax.config import Config, MeshConfig, from_dict, load_config, save_config
+from saejax.config import Config, ConfigError, MeshConfig, from_dict, load_config, save_config
 from saejax.data.npy import NpySource
 from saejax.export import load_saelens, saelens_decode, saelens_encode
 from saejax.sharding import make_mesh
@@ -409,6 +409,7 @@ def test_resume_with_changed_config_names_the_key(tmp_path, capsys):
     run_dir = tmp_path / "run"
     base = ["sae.d_in=16", "sae.n_features=32", "data.n_true_features=16", "train.steps=10",
             "train.batch_size=64", "train.checkpoint_every=10", "resample.enabled=false",
+            "optim.decay=constant",
             "train.progress=false", f"train.run_dir={run_dir}"]
     assert cli.main(["train", "--quiet", *base]) == 0
     ckpt_before = sorted(os.listdir(run_dir / "checkpoints"))
@@ -427,6 +428,10 @@ def test_resume_with_changed_config_names_the_key(tmp_path, capsys):
     moved = load_config(None, [*base[:-1], f"train.run_dir={os.path.relpath(run_dir)}",
                                "train.steps=20", "mesh.data=4", "mesh.model=2"])
     check_resumable(saved, moved)
+    # ...but not the run length when it shapes the LR schedule.
+    with pytest.raises(ConfigError, match=r"train.steps: 10 -> 20"):
+        check_resumable({**saved, "optim": {**saved["optim"], "decay": "linear"}},
+                        load_config(None, [*base, "train.steps=20", "optim.decay=linear"]))
     assert cli.main(["train", "--quiet", *base, "train.steps=20", "mesh.model=2"]) == 0
     assert [r["step"] for r in log_records(read_metrics(run_dir))] == [10, 20]
 

@@ -20,12 +20,13 @@ from saejax import config as config_lib
 from saejax.checkpoint import Checkpointer
 from saejax.config import Config
 from saejax.data import make_source
+from saejax.data.onthefly import OnTheFlyFeed, make_feed
 from saejax.sharding import batch_sharding, host_batch_to_global, make_mesh
 from saejax.train.metrics import MetricsLogger, NonFiniteLossError, nonfinite_message, to_host
 from saejax.train.step import StepContract
 
 # Config fields that may change when a run is resumed (they do not change what is computed).
-RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every",
+RESUMABLE_CHANGES = {"train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.async_checkpointing", "train.tensorboard",
                      "train.progress", "train.run_dir", "train.dead_window_tokens",
                      "mesh.data", "mesh.model"}
@@ -48,10 +49,19 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def resumable_changes(cfg: Config) -> set[str]:
+    """RESUMABLE_CHANGES, plus train.steps when the run length shapes nothing (a constant LR and
+    resampling at fixed steps): a decaying LR or resampling at fractions of the run would
+    silently differ from the run that was started."""
+    fixed_length = cfg.optim.decay == "constant" and not cfg.resample.at_fractions
+    return RESUMABLE_CHANGES | ({"train.steps"} if fixed_length else set())
+
+
 def check_resumable(saved: dict, cfg: Config) -> None:
     old, new = _flat(saved), _flat(config_lib.to_dict(cfg))
+    allowed = resumable_changes(cfg)
     changed = sorted(k for k in old.keys() | new.keys()
-                     if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+                     if old.get(k) != new.get(k) and k not in allowed)
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise config_lib.ConfigError(
@@ -125,6 +135,14 @@ def host_sample(source, n: int, seed: int, mesh) -> np.ndarray:
     return source.sample(n, seed)[start:stop]
 
 
+def sample_rows(source, n: int, seed: int, mesh) -> jax.Array:
+    """A deterministic sample of about n rows as a global array sharded over `data` (n rounded
+    down so the `data` axis divides it). The on-the-fly feed computes it on the devices."""
+    if isinstance(source, OnTheFlyFeed):
+        return source.sample(n - n % mesh.shape["data"], seed)
+    return global_rows(host_sample(source, n, seed, mesh), mesh)
+
+
 @jax.jit
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
@@ -151,7 +169,9 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         _write_config(cfg, saved_cfg)
 
     mesh = make_mesh(cfg.mesh)
-    source = make_source(cfg)
+    # data.source=lm: LM activations harvested into an on-device buffer (saejax.data.onthefly);
+    # its batches are a pure function of the step too, so nothing but TrainState is saved.
+    source = make_feed(cfg, mesh) if cfg.data.source == "lm" else make_source(cfg)
     contract = StepContract.build(cfg, mesh)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=t.keep_checkpoints,
                         async_save=t.async_checkpointing)
@@ -160,7 +180,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         start, state, _ = restored
     else:
         start = 0
-        state = contract.init(global_rows(host_sample(source, INIT_SAMPLE, t.seed, mesh), mesh))
+        state = contract.init(sample_rows(source, INIT_SAMPLE, t.seed, mesh))
 
     resample_at = set(config_lib.resample_steps(cfg))
     logger = MetricsLogger(
@@ -174,7 +194,10 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
     def batch_at(step: int) -> jax.Array:
         return global_rows(source.rows(step, row_start, row_stop, t.batch_size), mesh)
 
-    batches = Prefetcher(batch_at, start, t.steps)
+    # The feed dispatches its refills itself (async, in this thread: a thread running ahead
+    # would donate the buffer early); a resumed run's first batch rebuilds it from `start`.
+    batches = (source.batches(start, t.steps) if isinstance(source, OnTheFlyFeed)
+               else Prefetcher(batch_at, start, t.steps))
     meta = {"config": config_lib.to_dict(cfg)}
     in_flight: collections.deque = collections.deque()
     try:
@@ -188,7 +211,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
             if done % t.log_every == 0 or done == t.steps:
                 logger.log(done, metrics, state)
             if done in resample_at:
-                x = global_rows(host_sample(source, cfg.resample.n_inputs, t.seed * 7919 + done, mesh), mesh)
+                x = sample_rows(source, cfg.resample.n_inputs, t.seed * 7919 + done, mesh)
                 state, n_dead = contract.resample_fn(state, x)
                 logger.write({"step": done, "event": "resample", "n_resampled": int(n_dead)})
             if done % t.checkpoint_every == 0 or done == t.steps:
@@ -222,7 +245,7 @@ def summarize(cfg: Config, contract: StepContract, state, source, mesh) -> dict:
     from saejax.eval.metrics import heldout_metrics
     from saejax.train.metrics import dead_fraction
 
-    x = global_rows(host_sample(source, EVAL_ROWS, 10_000_019 + cfg.train.seed, mesh), mesh)
+    x = sample_rows(source, EVAL_ROWS, 10_000_019 + cfg.train.seed, mesh)
     out = heldout_metrics(contract.graphdef, state.params, state.input_scale, x)
     window = -(-cfg.train.dead_window_tokens // cfg.train.batch_size)
     step, last_fired = to_host((state.step, state.last_fired))
