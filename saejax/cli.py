@@ -1,4 +1,4 @@
-"""`saejax <command>`: train, export."""
+"""`saejax <command>`: train, export, train-lm, tokenize, harvest."""
 
 from __future__ import annotations
 
@@ -37,6 +37,60 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_train_lm(args) -> int:
+    from saejax.lm.train import format_summary, load_lm_train_config, train_lm
+
+    cfg = load_lm_train_config(args.config, args.overrides)
+    _maybe_init_distributed()
+    summary = train_lm(cfg, quiet=args.quiet)
+    if not args.quiet:
+        print(format_summary(summary))
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    """Text -> (optionally a freshly trained BPE) -> packed token contexts on disk."""
+    from saejax.config import ConfigError
+    from saejax.text.corpus import Corpus
+    from saejax.text.tokenizer import load_tokenizer, train_bpe
+    from saejax.text.tokens import write_token_dataset
+
+    if (args.tokenizer is None) == (args.train_bpe is None):
+        raise ConfigError("give exactly one of --tokenizer DIR_OR_ID and --train-bpe VOCAB_SIZE")
+    try:
+        corpus = Corpus(args.text, format=args.format, separator=args.separator,
+                        text_field=args.text_field, hf_name=args.hf_dataset, split=args.split)
+        if args.train_bpe is not None:
+            tok_dir = args.tokenizer_out or f"{args.out_dir}-tokenizer"
+            tok = train_bpe(corpus, args.train_bpe, tok_dir)
+            print(f"trained a {len(tok)}-token byte-level BPE in {tok_dir}")
+        else:
+            tok = load_tokenizer(args.tokenizer)
+        ds = write_token_dataset(corpus, tok, args.out_dir, ctx_len=args.ctx_len, bos=args.bos,
+                                 max_contexts=args.max_contexts, overwrite=args.overwrite,
+                                 source=corpus.describe(), progress=True)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from e
+    print(f"wrote {len(ds)} contexts of {args.ctx_len} tokens to {args.out_dir}")
+    return 0
+
+
+def cmd_harvest(args) -> int:
+    from saejax.config import ConfigError
+    from saejax.data.harvest import harvest
+
+    try:
+        m = harvest(args.lm, args.tokens, args.out_dir, args.site, dtype=args.dtype,
+                    drop_bos=not args.keep_bos, max_contexts=args.max_contexts,
+                    contexts_per_shard=args.contexts_per_shard,
+                    batch_contexts=args.batch_contexts, overwrite=args.overwrite)
+    except ValueError as e:  # the store's argument and directory checks
+        raise ConfigError(str(e)) from e
+    print(f"stored {m['n_rows']} activation rows per site ({', '.join(m['sites'])}) in "
+          f"{args.out_dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saejax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +103,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("train-lm", help="train a small LM (default: the paper's one-layer model) "
+                                        "on a token dataset; saves run_dir/hf")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.tokens=DIR")
+    p.set_defaults(func=cmd_train_lm)
+    p = sub.add_parser("tokenize", help="pack text into fixed-length token contexts on disk")
+    p.add_argument("out_dir")
+    p.add_argument("--text", nargs="*", default=[], help="text / JSON-lines files or globs")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl"])
+    p.add_argument("--separator", default=None,
+                   help='plain text: document separator line ("" blank lines, "%%" fortunes)')
+    p.add_argument("--text-field", default="text", help="JSON lines / HF datasets: text field")
+    p.add_argument("--hf-dataset", default=None, help="an HF dataset name (needs `datasets`)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--tokenizer", help="HF tokenizer directory or hub id")
+    p.add_argument("--train-bpe", type=int, metavar="VOCAB_SIZE",
+                   help="train a byte-level BPE of this size on the text instead")
+    p.add_argument("--tokenizer-out", help="where --train-bpe saves it (default OUT_DIR-tokenizer)")
+    p.add_argument("--ctx-len", type=int, default=128)
+    p.add_argument("--bos", default="every_context", choices=["every_context", "document", "none"])
+    p.add_argument("--max-contexts", type=int)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_tokenize)
+    p = sub.add_parser("harvest", help="store an LM's activations at hook sites over a token "
+                                       "dataset (resumes when run again)")
+    p.add_argument("lm", help="HF model directory (or hub id)")
+    p.add_argument("tokens", help="token dataset directory (saejax tokenize)")
+    p.add_argument("out_dir")
+    p.add_argument("--site", action="append", required=True,
+                   help="hook site, e.g. blocks.0.mlp.hook_post (repeatable)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--keep-bos", action="store_true", help="keep BOS positions")
+    p.add_argument("--max-contexts", type=int)
+    p.add_argument("--contexts-per-shard", type=int, default=1024)
+    p.add_argument("--batch-contexts", type=int, default=32)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_harvest)
     args = parser.parse_args(argv)
 
     from saejax.config import ConfigError
