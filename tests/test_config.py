@@ -65,9 +65,13 @@ def test_cli_reports_config_errors(capsys):
 
 def test_readme_config_reference_is_current():
     """README's table is generated from the field docstrings; regenerate it when a field changes:
-    paste the output of `python -c "from saejax.config import config_reference as r; print(r())"`."""
+    paste the output of `python -c "from saejax.config import config_reference as r; print(r())"`
+    (and of r(LMTrainConfig) for the train-lm table)."""
     from pathlib import Path
     from saejax.config import config_reference
 
+    from saejax.lm.train import LMTrainConfig
+
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert config_reference() in readme
+    assert config_reference(LMTrainConfig) in readme
