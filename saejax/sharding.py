@@ -64,6 +64,21 @@ def host_batch_to_global(local: np.ndarray, mesh: Mesh) -> jax.Array:
     """The one function that turns this process's rows into a global array sharded over `data`.
 
     With one process this is a plain device_put; with several, each contributes its contiguous
-    slice of the global batch (see `saejax.data.source.host_rows`).
+    rows of the global batch (see `process_rows`).
     """
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local)
+
+
+def process_rows(mesh, n: int) -> tuple[int, int]:
+    """[start, stop): the rows of an n-row global batch that this process's devices hold.
+
+    With several processes this is not always an even split by process index: when the `model`
+    axis spans processes, processes share rows (with `data` = 1, every process feeds all rows)."""
+    if jax.process_count() == 1:
+        return 0, n
+    index = batch_sharding(mesh).addressable_devices_indices_map((n, 1))
+    starts = sorted({sl[0].indices(n)[0] for sl in index.values()})
+    stops = sorted({sl[0].indices(n)[1] for sl in index.values()})
+    if starts[1:] != stops[:-1]:
+        raise ValueError(f"this process's devices hold non-contiguous rows of the batch: {index}")
+    return starts[0], stops[-1]

@@ -480,7 +480,7 @@ def test_resumed_metrics_drop_a_torn_last_line_and_the_old_summary(tmp_path):
 
 
 def test_prefetcher_hands_a_failed_batch_to_the_loop():
-    from saejax.train.loop import Prefetcher
+    from saejax.data.prefetch import Prefetcher
 
     def make(step):
         if step == 3:

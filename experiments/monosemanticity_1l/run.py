@@ -47,9 +47,9 @@ def main() -> None:
     p.add_argument("--lm-batch", type=int, default=32)
     p.add_argument("--harvest-contexts", type=int, default=12_000)
     p.add_argument("--sae-features", type=int, default=4096)
-    p.add_argument("--sae-steps", type=int, default=8000)
+    p.add_argument("--sae-steps", type=int, default=6000)
     p.add_argument("--sae-batch", type=int, default=1024)
-    p.add_argument("--l1", type=float, default=4e-3)
+    p.add_argument("--l1", type=float, default=1e-2)
     args = p.parse_args()
 
     from saejax.config import load_config
@@ -86,6 +86,7 @@ def main() -> None:
     sae_cfg = load_config(None, [
         "data.source=store", f"data.store_path={acts}", f"data.site={SITE}", "sae.d_in=512",
         f"sae.n_features={args.sae_features}", f"sae.l1_coefficient={args.l1}",
+        "sae.scale_inputs=true", f"sae.l1_warmup_steps={args.sae_steps // 20}",
         f"train.steps={args.sae_steps}", f"train.batch_size={args.sae_batch}",
         f"train.run_dir={sae_run}", "optim.lr=1e-3", "resample.at_fractions=[0.25,0.5,0.75]",
         f"resample.window_steps={args.sae_steps // 8}", "resample.n_inputs=131072",

@@ -28,8 +28,6 @@ import functools
 import hashlib
 import json
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding
 from saejax import config as config_lib
 from saejax import sharding
 from saejax.checkpoint import Checkpointer
+from saejax.data.prefetch import Prefetcher
 from saejax.config import ConfigError, MeshConfig
 from saejax.lm.model import ACTIVATIONS, LM, LMConfig
 from saejax.train.metrics import NonFiniteLossError
@@ -412,54 +411,6 @@ def batch_indices(step: int, batch_size: int, n_train: int, seed: int) -> np.nda
     return out
 
 
-def _process_rows(mesh: Mesh, n: int) -> tuple[int, int]:
-    """[start, stop) of an n-row global batch held by this process's devices."""
-    if jax.process_count() == 1:
-        return 0, n
-    index = sharding.batch_sharding(mesh).addressable_devices_indices_map((n, 1))
-    starts = sorted({sl[0].indices(n)[0] for sl in index.values()})
-    stops = sorted({sl[0].indices(n)[1] for sl in index.values()})
-    if starts[1:] != stops[:-1]:
-        raise ValueError(f"this process's devices hold non-contiguous rows of the batch: {index}")
-    return starts[0], stops[-1]
-
-
-class _Prefetcher:
-    """Reads upcoming steps' host rows in a thread; `next` places them from the calling thread
-    (host-to-device copies from a second thread can deadlock CPU collectives)."""
-
-    def __init__(self, read: Callable[[int], np.ndarray], start: int, stop: int, depth: int = 2):
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(read, start, stop), daemon=True)
-        self._thread.start()
-
-    def _run(self, read, start: int, stop: int) -> None:
-        for s in range(start, stop):
-            try:
-                item = (read(s), None)
-            except BaseException as e:  # handed to the consumer
-                item = (None, e)
-            while not self._stop.is_set():
-                try:
-                    self._q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    pass
-            if item[1] is not None or self._stop.is_set():
-                return
-
-    def next(self) -> np.ndarray:
-        rows, error = self._q.get()
-        if error is not None:
-            raise error
-        return rows
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _dataset_id(dataset) -> str:
     """Content identity of a token dataset: sha256 over its shards' checksums and shape."""
     m = dataset.manifest
@@ -630,7 +581,7 @@ def train_lm(cfg: LMTrainConfig, *, stop_at: int | None = None, quiet: bool = Fa
                        "devices": mesh.devices.size,
                        "step_temp_bytes": getattr(mem, "temp_size_in_bytes", None)})
 
-    row_start, row_stop = _process_rows(mesh, t.batch_size)
+    row_start, row_stop = sharding.process_rows(mesh, t.batch_size)
     val_rows = np.arange(n_train, dataset.n_contexts)
 
     def read(step: int) -> np.ndarray:
@@ -658,7 +609,7 @@ def train_lm(cfg: LMTrainConfig, *, stop_at: int | None = None, quiet: bool = Fa
         from tqdm import tqdm
         bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True)
 
-    batches = _Prefetcher(read, start, stop)
+    batches = Prefetcher(read, start, stop)  # host rows: placed from this thread
     tok_per_step = t.batch_size * ctx
     last = {"train_loss": None, "val_loss": None}
     timed_steps, timed_s = 0, 0.0

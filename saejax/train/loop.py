@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import collections
 import os
-import queue
-import threading
 from pathlib import Path
 
 import jax
@@ -21,7 +19,8 @@ from saejax.checkpoint import Checkpointer
 from saejax.config import Config
 from saejax.data import make_source
 from saejax.data.onthefly import OnTheFlyFeed, make_feed
-from saejax.sharding import batch_sharding, host_batch_to_global, make_mesh
+from saejax.data.prefetch import Prefetcher
+from saejax.sharding import host_batch_to_global, make_mesh, process_rows
 from saejax.train.metrics import MetricsLogger, NonFiniteLossError, nonfinite_message, to_host
 from saejax.train.step import StepContract
 
@@ -67,60 +66,6 @@ def check_resumable(saved: dict, cfg: Config) -> None:
         raise config_lib.ConfigError(
             f"run_dir {cfg.train.run_dir} holds a run with a different config ({diffs}); "
             "use another train.run_dir or the same settings")
-
-
-class Prefetcher:
-    """Builds the global batches of upcoming steps in a background thread.
-
-    An exception raised while building a batch is re-raised by `next` (instead of leaving the
-    loop waiting forever); `close` stops the thread when the loop ends early."""
-
-    def __init__(self, make_batch, start: int, stop: int, depth: int = 2):
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(make_batch, start, stop),
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self, make_batch, start: int, stop: int) -> None:
-        for s in range(start, stop):
-            try:
-                item = (make_batch(s), None)
-            except BaseException as e:  # handed to the consumer
-                item = (None, e)
-            while not self._stop.is_set():
-                try:
-                    self._q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    pass
-            if item[1] is not None or self._stop.is_set():
-                return
-
-    def next(self):
-        batch, error = self._q.get()
-        if error is not None:
-            raise error
-        return batch
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def process_rows(mesh, n: int) -> tuple[int, int]:
-    """[start, stop): the rows of an n-row global batch that this process's devices hold.
-
-    With several processes this is not always an even split by process index: when the `model`
-    axis spans processes, processes share rows (with `data` = 1, every process feeds all rows)."""
-    if jax.process_count() == 1:
-        return 0, n
-    index = batch_sharding(mesh).addressable_devices_indices_map((n, 1))
-    starts = sorted({sl[0].indices(n)[0] for sl in index.values()})
-    stops = sorted({sl[0].indices(n)[1] for sl in index.values()})
-    if starts[1:] != stops[:-1]:
-        raise ValueError(f"this process's devices hold non-contiguous rows of the batch: {index}")
-    return starts[0], stops[-1]
 
 
 def global_rows(rows: np.ndarray, mesh) -> jax.Array:
