@@ -295,6 +295,29 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: dotted keys, as overrides name fields."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_same_run(saved: dict, cfg: Any, allowed: set[str], run_dir: str | Path) -> None:
+    """Refuse to resume the run saved in `run_dir` (its config as a dict) with config dataclass
+    `cfg` if any field outside `allowed` changed; the message names each change."""
+    old, new = flatten(saved), flatten(dataclasses.asdict(cfg))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and k not in allowed)
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ConfigError(f"run_dir {run_dir} holds a run with a different config ({diffs}); "
+                          "use another train.run_dir or the same settings")
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

@@ -256,16 +256,6 @@ def _nest(flat: dict[str, Any]) -> dict:
     return out
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 @struct.dataclass
 class LMTrainState:
     step: jax.Array
@@ -312,7 +302,7 @@ class LMStepContract:
         schedule = lr_schedule(cfg.optim, cfg.train.steps)
 
         def merge(params: dict) -> LM:
-            flat = _flatten(params)
+            flat = config_lib.flatten(params)
             return nnx.merge(graphdef, nnx.from_flat_state(
                 [(p, v.replace(value=flat[name])) for name, (p, v) in variables.items()]))
 
@@ -439,14 +429,8 @@ def _check_resumable(run_dir: Path, cfg: LMTrainConfig) -> None:
     saved_file = run_dir / "config.yaml"
     if not saved_file.exists():
         return
-    old = _flatten(yaml.safe_load(saved_file.read_text()) or {})
-    new = _flatten(dataclasses.asdict(cfg))
-    changed = sorted(k for k in old.keys() | new.keys()
-                     if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-    if changed:
-        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise ConfigError(f"run_dir {run_dir} holds a run with a different config ({diffs}); "
-                          "use another train.run_dir or the same settings")
+    config_lib.check_same_run(yaml.safe_load(saved_file.read_text()) or {}, cfg,
+                              RESUMABLE_CHANGES, run_dir)
 
 
 def _write_config(cfg: LMTrainConfig, path: Path) -> None:

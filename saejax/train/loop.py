@@ -38,16 +38,6 @@ deadlocks the CPU backend's collectives once many multi-device steps are queued 
 CPU devices: "Expected 8 threads to join the rendezvous"); the bound also caps queued batches."""
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def resumable_changes(cfg: Config) -> set[str]:
     """RESUMABLE_CHANGES, plus train.steps when the run length shapes nothing (a constant LR and
     resampling at fixed steps): a decaying LR or resampling at fractions of the run would
@@ -57,15 +47,7 @@ def resumable_changes(cfg: Config) -> set[str]:
 
 
 def check_resumable(saved: dict, cfg: Config) -> None:
-    old, new = _flat(saved), _flat(config_lib.to_dict(cfg))
-    allowed = resumable_changes(cfg)
-    changed = sorted(k for k in old.keys() | new.keys()
-                     if old.get(k) != new.get(k) and k not in allowed)
-    if changed:
-        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise config_lib.ConfigError(
-            f"run_dir {cfg.train.run_dir} holds a run with a different config ({diffs}); "
-            "use another train.run_dir or the same settings")
+    config_lib.check_same_run(saved, cfg, resumable_changes(cfg), cfg.train.run_dir)
 
 
 def global_rows(rows: np.ndarray, mesh) -> jax.Array:
