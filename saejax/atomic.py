@@ -90,3 +90,33 @@ def read_manifest_json(path: str, *, what: str, fmt: str, version: int,
         if not isinstance(m.get(key), kind):
             raise ValueError(f"{file}: field {key!r} missing or not a {kind.__name__}")
     return m
+
+
+def open_shard(root: str, entry: dict[str, Any], dtype: np.dtype, width: int,
+               what: str = "") -> np.ndarray:
+    """Memory-map the manifest entry's .npy shard under `root`, checked to exist and to hold
+    [entry["rows"], width] values of `dtype`; errors name the shard file."""
+    path = os.path.join(root, entry["file"])
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: shard listed in {MANIFEST} is missing")
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except Exception as e:  # truncated file, bad header, ...
+        raise ValueError(f"{path}: cannot be memory-mapped as a .npy array, truncated or "
+                         f"damaged? ({e})") from e
+    if arr.dtype != dtype:
+        raise ValueError(f"{path}: dtype {arr.dtype}, manifest says {what or dtype}")
+    if arr.shape != (entry["rows"], width):
+        raise ValueError(f"{path}: shape {arr.shape}, manifest says ({entry['rows']}, {width})")
+    return arr
+
+
+def verify_shards(root: str, entries: list[dict[str, Any]], redo: str) -> None:
+    """Check each entry's file sha256 against the manifest; the error names the first bad shard
+    and says how to redo it (`redo`)."""
+    for entry in entries:
+        path = os.path.join(root, entry["file"])
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise ValueError(f"{path}: checksum mismatch (sha256 {digest}, {MANIFEST} says "
+                             f"{entry['sha256']}); the shard is corrupt or was modified: {redo}")

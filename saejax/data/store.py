@@ -55,8 +55,8 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from saejax.atomic import (MANIFEST, MARKER, read_manifest_json, sha256_file, write_json_atomic,
-                           write_npy_atomic)
+from saejax.atomic import (MANIFEST, MARKER, open_shard, read_manifest_json, sha256_file,
+                           verify_shards, write_json_atomic, write_npy_atomic)
 from saejax.data.npy import ShuffledTable
 
 PROGRESS = "progress.jsonl"
@@ -503,30 +503,11 @@ class ActivationStore(ShuffledTable):
 
     def verify(self) -> None:
         """Check the sha256 of every shard of this site (error names the first bad shard)."""
-        for entry in self._entries:
-            path = os.path.join(self.path, entry["file"])
-            digest = sha256_file(path)
-            if digest != entry["sha256"]:
-                raise ValueError(f"{path}: checksum mismatch (sha256 {digest}, {MANIFEST} says "
-                                 f"{entry['sha256']}); the shard is corrupt or was modified: "
-                                 f"re-harvest the store")
+        verify_shards(self.path, self._entries, "re-harvest the store")
 
     def _open_shard(self, entry: dict[str, Any], d: int) -> np.ndarray:
-        path = os.path.join(self.path, entry["file"])
-        if not os.path.isfile(path):
-            raise ValueError(f"{path}: shard listed in {MANIFEST} is missing")
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except Exception as e:  # truncated file, bad header, ...
-            raise ValueError(f"{path}: cannot be memory-mapped as a .npy array, truncated or "
-                             f"damaged? ({e})") from e
         want = DTYPES[self.dtype]
-        if arr.dtype != want:
-            raise ValueError(f"{path}: dtype {arr.dtype}, manifest says {self.dtype} "
-                             f"(stored as {want.name})")
-        if arr.shape != (entry["rows"], d):
-            raise ValueError(f"{path}: shape {arr.shape}, manifest says ({entry['rows']}, {d})")
-        return arr
+        return open_shard(self.path, entry, want, d, f"{self.dtype} (stored as {want.name})")
 
 
 def read_store_manifest(path: str | os.PathLike) -> dict[str, Any]:

@@ -45,8 +45,8 @@ from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
-from saejax.atomic import (MANIFEST, MARKER, read_manifest_json, sha256_file, write_json_atomic,
-                           write_npy_atomic)
+from saejax.atomic import (MANIFEST, MARKER, open_shard, read_manifest_json,
+                           verify_shards, write_json_atomic, write_npy_atomic)
 from saejax.text.tokenizer import encode_batch, tokenizer_name
 
 BosMode = Literal["every_context", "document", "none"]
@@ -349,28 +349,10 @@ class TokenDataset:
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest (error names the first bad shard)."""
-        for entry in self.manifest["shards"]:
-            path = os.path.join(self.path, entry["file"])
-            digest = sha256_file(path)
-            if digest != entry["sha256"]:
-                raise ValueError(f"{path}: checksum mismatch (sha256 {digest}, "
-                                 f"manifest says {entry['sha256']}); the shard is corrupt or "
-                                 f"was modified: re-run the packer")
+        verify_shards(self.path, self.manifest["shards"], "re-run the packer")
 
     def _open_shard(self, entry: dict[str, Any]) -> np.ndarray:
-        path = os.path.join(self.path, entry["file"])
-        if not os.path.isfile(path):
-            raise ValueError(f"{path}: shard listed in {MANIFEST} is missing")
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except Exception as e:  # truncated file, bad header, ...
-            raise ValueError(f"{path}: cannot be memory-mapped as a .npy array ({e})") from e
-        if arr.dtype != self.dtype:
-            raise ValueError(f"{path}: dtype {arr.dtype}, manifest says {self.dtype}")
-        if arr.shape != (entry["rows"], self.ctx_len):
-            raise ValueError(f"{path}: shape {arr.shape}, manifest says "
-                             f"({entry['rows']}, {self.ctx_len})")
-        return arr
+        return open_shard(self.path, entry, self.dtype, self.ctx_len)
 
 
 def read_manifest(path: str) -> dict[str, Any]:
