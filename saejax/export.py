@@ -139,6 +139,12 @@ def build_cfg(d_in: int, d_sae: int, *, architecture: str, k: int | None, dtype:
     return cfg
 
 
+def fold_input_scale(params: dict, s: float) -> dict:
+    """Params trained on s*x as params for raw x (the derivation is in the module docstring)."""
+    return {"W_enc": params["W_enc"] * s, "b_enc": params["b_enc"], "W_dec": params["W_dec"] / s,
+            "b_dec": params["b_dec"] / s}
+
+
 def _write_fsynced(path: Path, data: bytes) -> None:
     with open(path, "wb") as fh:
         fh.write(data)
@@ -181,8 +187,7 @@ def export_saelens(out_dir, params: dict[str, np.ndarray], *, architecture: str,
     for name, value in p.items():
         if not np.isfinite(value).all():
             raise ValueError(f"{name} contains NaN or inf")
-    folded = {"W_enc": p["W_enc"] * s, "b_enc": p["b_enc"], "W_dec": p["W_dec"] / s,
-              "b_dec": p["b_dec"] / s}
+    folded = fold_input_scale(p, s)
     tensors = {n: np.ascontiguousarray(v.astype(DTYPES[dtype])) for n, v in folded.items()}
     cfg = build_cfg(d_in, d_sae, architecture=architecture, k=k, dtype=dtype,
                     metadata=metadata, input_scale=s)

@@ -36,10 +36,14 @@ def load_run(run_dir: str | Path) -> tuple[Config, int, dict, float]:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+    from saejax.eval.trained import run_provenance  # noqa: PLC0415
+
     cfg, step, params, scale = load_run(run_dir)
+    lm_path, site = run_provenance(cfg)
     return export_saelens(
         out_dir, params, architecture=ARCHITECTURES[cfg.sae.arch],
         k=cfg.sae.k if cfg.sae.arch == "topk" else None, input_scale=scale,
         metadata={"saejax_run": str(Path(run_dir).resolve()), "saejax_step": step,
-                  "dataset_path": cfg.data.source},
+                  "dataset_path": cfg.data.source, "model_name": lm_path or None,
+                  "hook_name": site or None},
     )
