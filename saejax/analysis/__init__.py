@@ -1,0 +1,1 @@
+"""Feature analysis: what trained SAE features respond to, over a token dataset."""
