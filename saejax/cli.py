@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_harvest)
     args = parser.parse_args(argv)
 
+    from saejax.checkpoint import CheckpointError
     from saejax.config import ConfigError
     from saejax.train.metrics import NonFiniteLossError
     try:
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"saejax: training stopped: {e}", file=sys.stderr)
         return 3
+    except CheckpointError as e:  # damaged checkpoints with no good one to fall back to
+        print(f"saejax: checkpoint error: {e}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

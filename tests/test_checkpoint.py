@@ -279,3 +279,22 @@ def test_killed_mid_save_leaves_previous_usable(tmp_path):
     ck.wait()
     assert not any(".orbax-checkpoint-tmp" in p.name for p in tmp_path.iterdir())
     assert ck.restore_latest(target)[0] == 2
+
+
+def test_cli_reports_a_run_with_no_good_checkpoint(tmp_path, capsys):
+    """Every checkpoint damaged: the command exits 4 naming the damage, not with a traceback."""
+    from saejax import cli
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--quiet", "sae.n_features=64", "sae.d_in=16",
+                     "data.n_true_features=32", "train.steps=4", "train.batch_size=64",
+                     "train.checkpoint_every=2", "train.log_every=2", "train.progress=false",
+                     f"train.run_dir={run}"]) == 0
+    for step_dir in (run / "checkpoints").iterdir():
+        for f in data_files(step_dir):
+            os.truncate(f, f.stat().st_size // 2)
+    capsys.readouterr()
+    assert cli.main(["export", str(run), str(tmp_path / "out")]) == 4
+    err = capsys.readouterr().err
+    assert "checkpoint error" in err and "step 4" in err, err
+    assert not (tmp_path / "out").exists()

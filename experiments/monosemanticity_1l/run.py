@@ -43,13 +43,15 @@ def main() -> None:
     p.add_argument("--install", action="store_true")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--ctx", type=int, default=128)
-    p.add_argument("--lm-steps", type=int, default=2500)
+    p.add_argument("--lm-steps", type=int, default=5000)
     p.add_argument("--lm-batch", type=int, default=32)
     p.add_argument("--harvest-contexts", type=int, default=12_000)
     p.add_argument("--sae-features", type=int, default=4096)
     p.add_argument("--sae-steps", type=int, default=6000)
     p.add_argument("--sae-batch", type=int, default=1024)
     p.add_argument("--l1", type=float, default=1e-2)
+    p.add_argument("--until", choices=["lm", "sae"], default="sae",
+                   help="stop after this stage")
     args = p.parse_args()
 
     from saejax.config import load_config
@@ -80,6 +82,8 @@ def main() -> None:
         f"data.tokens={tokens}", f"data.tokenizer={tok_dir}", f"train.run_dir={lm_run}",
         f"train.steps={args.lm_steps}", f"train.batch_size={args.lm_batch}"])
     stage(results, "lm", (lm_run / "hf" / "config.json").exists(), lambda: train_lm(lm_cfg))
+    if args.until == "lm":
+        return _save(res_file, results)
     stage(results, "harvest", (acts / "manifest.json").exists(), lambda: {
         "n_rows": harvest(lm_run / "hf", tokens, acts, [SITE], dtype="bfloat16",
                           max_contexts=args.harvest_contexts)["n_rows"]})
@@ -93,6 +97,10 @@ def main() -> None:
         "train.checkpoint_every=1000"])
     from saejax.train.loop import train
     stage(results, "sae", (sae_run / "done").exists(), lambda: _sae(train, sae_cfg, sae_run))
+    _save(res_file, results)
+
+
+def _save(res_file: Path, results: dict) -> None:
     res_file.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 
