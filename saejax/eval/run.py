@@ -1,0 +1,136 @@
+"""`saejax eval`: splice evaluation and held-out sparsity of one or more SAEs in one pass.
+
+    results = evaluate(["runs/a", "runs/b"], "data/tokens", contexts="-2000:", out_dir="eval/")
+    print(format_table(results))
+
+writes eval/eval.json (everything `evaluate` returns) and eval/<sae name>_density.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from saejax.eval.trained import TrainedSAE, load_sae
+
+EVAL_JSON = "eval.json"
+
+
+def _lm_key(path: str) -> str:
+    """A comparable form of an LM path: the real path of a local directory, else the hub id."""
+    return os.path.realpath(path) if os.path.isdir(path) else path
+
+
+def resolve_lm(saes: Sequence[TrainedSAE], lm_path: str | None = None) -> str:
+    """The LM to evaluate on: `lm_path` when given, else the one every SAE records (errors name
+    the SAE with no recorded LM, or the two SAEs whose LMs differ)."""
+    if lm_path is not None:
+        return str(lm_path)
+    for sae in saes:
+        if not sae.lm_path:
+            raise ValueError(f"SAE {sae.name} ({sae.source}) records no LM; pass lm_path")
+    first = saes[0]
+    for sae in saes[1:]:
+        if _lm_key(sae.lm_path) != _lm_key(first.lm_path):
+            raise ValueError(
+                f"SAEs were trained on different LMs: {first.name} ({first.source}) on "
+                f"{first.lm_path!r}, {sae.name} ({sae.source}) on {sae.lm_path!r}; evaluate "
+                "them separately or pass lm_path")
+    return first.lm_path
+
+
+def _unique_names(saes: list[TrainedSAE]) -> list[TrainedSAE]:
+    """Names safe as file names and distinct (a repeated name gets -2, -3, ...)."""
+    seen: dict[str, int] = {}
+    out = []
+    for sae in saes:
+        name = re.sub(r"[^\w.-]", "_", sae.name) or "sae"
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}-{seen[name]}"
+        out.append(dataclasses.replace(sae, name=name))
+    return out
+
+
+def _finite(obj):
+    """NaN/Inf -> None, so eval.json is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def evaluate(sae_paths: Sequence[str | os.PathLike], tokens_path: str | os.PathLike,
+             contexts: str = "-2000:", batch_contexts: int = 32,
+             lm_path: str | None = None, out_dir: str | os.PathLike | None = None) -> dict:
+    """Evaluate SAEs (run directories or SAELens folders) on held-out contexts of a token dataset.
+
+    contexts: 'START:STOP' context ids (python-slice style; the default takes the last 2,000).
+    lm_path: the LM to splice into; by default the one the SAEs record (they must agree).
+    Returns `saejax.eval.splice.summarize`'s dict plus lm_path, tokens_path, contexts; with
+    out_dir also writes eval.json and one density PNG per SAE (named in its "density_png").
+    """
+    from saejax.analysis.stream import parse_contexts  # noqa: PLC0415
+    from saejax.eval.density_plot import plot_density  # noqa: PLC0415
+    from saejax.eval.splice import splice_pass, summarize  # noqa: PLC0415
+    from saejax.lm.load import load_lm  # noqa: PLC0415
+    from saejax.text.tokens import TokenDataset  # noqa: PLC0415
+
+    if not sae_paths:
+        raise ValueError("no SAEs to evaluate")
+    saes = _unique_names([load_sae(p) for p in sae_paths])
+    lm_path = resolve_lm(saes, lm_path)
+    tokens = TokenDataset(tokens_path)
+    lm = load_lm(lm_path)
+    if tokens.vocab_size > lm.cfg.vocab_size:
+        raise ValueError(f"token dataset {tokens_path} has vocabulary {tokens.vocab_size}, more "
+                         f"than the LM {lm_path}'s {lm.cfg.vocab_size}")
+    ids = parse_contexts(contexts, len(tokens))
+    totals = splice_pass(lm, saes, tokens, ids, batch_contexts=batch_contexts)
+    results = {"lm_path": str(lm_path), "tokens_path": str(tokens_path), "contexts": contexts,
+               **summarize(totals, saes)}
+    if out_dir is not None:
+        from saejax.atomic import write_json_atomic  # noqa: PLC0415
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for sae, entry, counts in zip(saes, results["saes"], totals.counts):
+            png = plot_density(counts["fire_count"], totals.n_tokens,
+                               out / f"{sae.name}_density.png", title=sae.name)
+            entry["density_png"] = png.name
+        write_json_atomic(str(out / EVAL_JSON), _finite(results))
+    return results
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def format_table(results: dict) -> str:
+    """A short plain-text table of `evaluate`'s results, one row per SAE."""
+    lines = [f"clean loss {results['clean_loss']:.4f} nats over {results['n_predictions']:,} "
+             f"predictions ({results['n_contexts']:,} contexts, {results['n_tokens']:,} tokens)"]
+    head = (f"{'sae':<20} {'site':<26} {'features':>8} {'L0':>7} {'FVU':>7} {'loss':>7} "
+            f"{'KL':>7} {'rec/zero':>8} {'rec/mean':>8} {'dead':>6} {'ultralow':>8} "
+            f"{'dense':>6}")
+    lines += [head, "-" * len(head)]
+    for r in results["saes"]:
+        ultralow = _pct(r["ultralow_fraction"]) if r["ultralow_resolvable"] else "n/r"
+        lines.append(
+            f"{r['name']:<20.20} {r['site']:<26.26} {r['n_features']:>8} {r['l0']:>7.2f} "
+            f"{r['fvu']:>7.4f} {r['loss']:>7.4f} {r['kl']:>7.4f} "
+            f"{_pct(r['loss_recovered_zero']):>8} {_pct(r['loss_recovered_mean']):>8} "
+            f"{_pct(r['dead_fraction']):>6} {ultralow:>8} {_pct(r['dense_fraction']):>6}")
+    for site, a in results["sites"].items():
+        lines.append(f"{site}: zero-ablation loss {a['zero_ablation_loss']:.4f}, "
+                     f"mean-ablation loss {a['mean_ablation_loss']:.4f}")
+    if any(not r["ultralow_resolvable"] for r in results["saes"]):
+        lines.append("ultralow n/r: 1e-6 density is not resolvable with <= 1e6 tokens")
+    return "\n".join(lines)
