@@ -274,3 +274,21 @@ def test_analysis_directory_round_trip(world, tmp_path):
     (tmp_path / "foreign" / "x.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not an analysis directory"):
         analyze(world["sae_dir"], world["tw"].tokens, tmp_path / "foreign")
+
+
+def test_neuron_basis_features_are_the_neurons(tiny_world, tmp_path):
+    """The identity SAE's features are the site's (post-ReLU) neurons, value for value."""
+    import jax.numpy as jnp
+    from saejax.analysis.neurons import export_neuron_basis
+    from saejax.eval.trained import load_sae
+    from saejax.lm.load import load_lm
+    from saejax.text.tokens import TokenDataset
+    from tiny_world import D_MLP, SITE
+
+    sae = load_sae(export_neuron_basis(tiny_world.lm, SITE, D_MLP, tmp_path / "neurons"))
+    assert (sae.site, sae.lm_path, sae.n_features) == (SITE, str(tiny_world.lm), D_MLP)
+    lm = load_lm(tiny_world.lm)
+    x = lm.run(jnp.asarray(TokenDataset(tiny_world.tokens).take(range(4))), cache=[SITE],
+               logits=False)[1][SITE]
+    assert float(x.min()) >= 0 and float((x > 0).mean()) > 0.1
+    np.testing.assert_array_equal(np.asarray(sae.encode(sae.params, x)), np.asarray(x))
