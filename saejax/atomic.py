@@ -42,15 +42,19 @@ def write_npy_atomic(path: str, array: np.ndarray) -> str:
     return w.digest.hexdigest()
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write `obj` as indented JSON (trailing newline) via `path.tmp` + fsync + rename."""
-    tmp = path + ".tmp"
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` via `path.tmp` + fsync + rename (readers see old or new, whole)."""
+    tmp = os.fspath(path) + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON (trailing newline), atomically (`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def sha256_file(path: str) -> str:

@@ -1,4 +1,4 @@
-"""`saejax <command>`: train, export, train-lm, tokenize, harvest."""
+"""`saejax <command>`: train, export, train-lm, tokenize, harvest, eval, analyze, browse, compare."""
 
 from __future__ import annotations
 
@@ -91,6 +91,90 @@ def cmd_harvest(args) -> int:
     return 0
 
 
+def _as_config_error(fn, *args, **kwargs):
+    """Run fn; bad paths and inputs (ValueError, FileNotFoundError, ...) become ConfigError."""
+    from saejax.config import ConfigError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        raise ConfigError(str(e)) from e
+
+
+def cmd_eval(args) -> int:
+    from saejax.eval.run import evaluate, format_table
+
+    results = _as_config_error(evaluate, args.saes, args.tokens, contexts=args.contexts,
+                               batch_contexts=args.batch_contexts, lm_path=args.lm,
+                               out_dir=args.out)
+    print(format_table(results))
+    return 0
+
+
+def _interpreter(args):
+    from saejax.analysis.autointerp import (ChatClient, LLMConfig, LLMInterpreter,
+                                            TokenListInterpreter)
+
+    if args.autointerp == "offline":
+        return TokenListInterpreter()
+    return LLMInterpreter(ChatClient(LLMConfig(base_url=args.llm_url, model=args.llm_model,
+                                               api_key_env=args.llm_key_env)))
+
+
+def cmd_analyze(args) -> int:
+    """Top contexts, samples, histograms, logit effects; optionally script features and
+    automated interpretability of a seeded sample of alive features."""
+    from saejax.analysis.features import analyze, load_analysis
+
+    out = _as_config_error(analyze, args.sae, args.tokens, args.out, contexts=args.contexts,
+                           top_k=args.top_k, n_samples=args.samples,
+                           batch_contexts=args.batch_contexts, lm_path=args.lm)
+    print(f"wrote the analysis of every feature to {out}")
+    if args.scripts:
+        from saejax.analysis.scripts import ScriptOptions, analyse_scripts, format_report
+
+        opts = ScriptOptions(classes=tuple(args.scripts.split(",")),
+                             batch_contexts=args.batch_contexts)
+        stats = _as_config_error(analyse_scripts, args.sae, args.tokens, out / "scripts",
+                                 contexts=args.contexts, lm_path=args.lm or "", opts=opts)
+        print(format_report(stats))
+    if args.autointerp != "none":
+        import numpy as np
+
+        from saejax.analysis.autointerp import annotate_feature_files, summarize_scores
+
+        alive = [r["id"] for r in load_analysis(out)["features"] if r["n_fired"] > 0]
+        rng = np.random.default_rng(args.seed)
+        ids = sorted(rng.choice(alive, min(args.autointerp_n, len(alive)), replace=False))
+        results = annotate_feature_files(out / "features", _interpreter(args), ids=ids,
+                                         seed=args.seed)
+        print(summarize_scores(results))
+    return 0
+
+
+def cmd_browse(args) -> int:
+    from saejax.browse import write_site
+
+    index = _as_config_error(write_site, args.analysis_dir, args.out_dir, title=args.title,
+                             progress=True)
+    print(f"wrote the feature browser: open {index.resolve().as_uri()}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    import json
+
+    from saejax.analysis.compare import compare, format_summary
+
+    labels = json.loads(open(args.labels, encoding="utf-8").read()) if args.labels else None
+    result = _as_config_error(compare, args.saes, args.tokens, args.out, contexts=args.contexts,
+                              batch_contexts=args.batch_contexts, neurons=args.neurons,
+                              threshold=args.threshold, labels=labels,
+                              min_fires=args.min_fires)
+    print(format_summary(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saejax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +225,60 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-contexts", type=int, default=32)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_harvest)
+    p = sub.add_parser("eval", help="splice SAEs into their LM on held-out contexts: loss "
+                                    "recovered, KL, L0, FVU, dead/ultralow/dense, density PNGs")
+    p.add_argument("saes", nargs="+", help="SAE run directories or SAELens folders")
+    p.add_argument("--tokens", required=True, help="token dataset directory")
+    p.add_argument("--contexts", default="-2000:", help="START:STOP context ids (write --contexts=-2000: for a negative start)")
+    p.add_argument("--batch-contexts", type=int, default=32)
+    p.add_argument("--lm", help="LM directory (default: the one the SAEs record)")
+    p.add_argument("--out", help="directory for eval.json and the density histograms")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("analyze", help="per-feature top contexts, samples, histograms and logit "
+                                       "effects (an analysis directory for `saejax browse`)")
+    p.add_argument("sae", help="SAE run directory or SAELens folder")
+    p.add_argument("--tokens", required=True, help="token dataset directory")
+    p.add_argument("--out", required=True, help="analysis directory to write")
+    p.add_argument("--contexts", default="0:2000", help="START:STOP context ids")
+    p.add_argument("--top-k", type=int, default=20, help="top-activating examples per feature")
+    p.add_argument("--samples", type=int, default=20, help="random firing examples per feature")
+    p.add_argument("--batch-contexts", type=int, default=32)
+    p.add_argument("--lm", help="LM directory (default: the one the SAE records)")
+    p.add_argument("--scripts", help="script classes to rank features and neurons for, e.g. "
+                                     "arabic,cyrillic,cjk (writes OUT/scripts/)")
+    p.add_argument("--autointerp", default="none", choices=["none", "offline", "llm"],
+                   help="explain and score features: the built-in baseline or an LLM")
+    p.add_argument("--autointerp-n", type=int, default=100,
+                   help="alive features to score (a seeded random sample)")
+    p.add_argument("--llm-url", default="https://api.openai.com/v1",
+                   help="OpenAI-compatible API root")
+    p.add_argument("--llm-model", default="gpt-4o-mini")
+    p.add_argument("--llm-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_analyze)
+    p = sub.add_parser("browse", help="write a static feature-browser site (opens from file://) "
+                                      "for an analysis directory")
+    p.add_argument("analysis_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--title")
+    p.set_defaults(func=cmd_browse)
+    p = sub.add_parser("compare", help="match features between SAEs (cross-seed / cross-model "
+                                       "universality) and build the splitting tree across sizes")
+    p.add_argument("saes", nargs="+", help="2+ SAE run directories or SAELens folders; 3+ in "
+                                           "increasing size give the family tree")
+    p.add_argument("--tokens", required=True, help="token dataset directory")
+    p.add_argument("--out", required=True, help="directory for compare.json, splitting.json/png")
+    p.add_argument("--contexts", default="0:2000", help="START:STOP context ids")
+    p.add_argument("--batch-contexts", type=int, default=32)
+    p.add_argument("--neurons", action="store_true",
+                   help="also match the LMs' neurons at the site (the paper's baseline)")
+    p.add_argument("--threshold", type=float, default=0.4,
+                   help="masked cosine a family-tree edge needs")
+    p.add_argument("--min-fires", type=int, default=10,
+                   help="a feature is matched when it fires at least this often")
+    p.add_argument("--labels", help="JSON {level or SAE name: {feature id: label}} for the figure")
+    p.set_defaults(func=cmd_compare)
     args = parser.parse_args(argv)
 
     from saejax.checkpoint import CheckpointError

@@ -489,3 +489,14 @@ def annotate_feature_files(features_dir, client: Interpreter, ids: Sequence[Any]
                              if k not in ("id", "explanation", "score")}
         write_json_atomic(str(f), doc)
     return results
+
+
+def summarize_scores(results: Sequence[Mapping[str, Any]]) -> str:
+    """One line: how many features were scored, their mean and median score, how many failed."""
+    scores = np.array([r["score"] for r in results if r.get("score") is not None], float)
+    failed = len(results) - len(scores)
+    if not len(scores):
+        return f"autointerp: no feature could be scored ({failed} failed)"
+    return (f"autointerp: {len(scores)} features scored, mean {scores.mean():.3f}, median "
+            f"{np.median(scores):.3f} (Spearman of simulated vs true activations); "
+            f"{failed} not scored")

@@ -15,7 +15,6 @@ over the same contexts and positions (`saejax.analysis.stream`), each LM run onc
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -200,10 +199,9 @@ def _to_json(x, depth: int = 0) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    """`obj` as JSON (NaN as null) at `path`, replaced atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(_to_json(_jsonable(obj)) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from saejax.atomic import write_text_atomic  # noqa: PLC0415
+
+    write_text_atomic(path, _to_json(_jsonable(obj)) + "\n")
 
 
 def _fmt(v) -> str:
