@@ -87,17 +87,28 @@ def main() -> None:
     stage(results, "harvest", (acts / "manifest.json").exists(), lambda: {
         "n_rows": harvest(lm_run / "hf", tokens, acts, [SITE], dtype="bfloat16",
                           max_contexts=args.harvest_contexts)["n_rows"]})
-    sae_cfg = load_config(None, [
+    from saejax.train.loop import train
+    # The SAEs the evaluation compares: 512 twice (cross-seed matching), 1,024, and 4,096 (the
+    # paper's A/1); 512 -> 1,024 -> 4,096 is the feature-splitting sequence.
+    for name, n_features, seed in [("sae_512", 512, 0), ("sae_512_seed1", 512, 1),
+                                   ("sae_1024", 1024, 0), ("sae", args.sae_features, 0)]:
+        cfg = load_config(None, sae_overrides(args, acts, work / name, n_features, seed))
+        stage(results, name, (work / name / "done").exists(),
+              lambda cfg=cfg, name=name: _sae(train, cfg, work / name))
+        _save(res_file, results)
+
+
+def sae_overrides(args, acts: Path, run_dir: Path, n_features: int, seed: int) -> list[str]:
+    """One recipe for every SAE of the experiment: scaled inputs (E||x||^2 = d), lambda warm-up,
+    resampling at 25/50/75% of training with a window of 1/8 of it (the paper's proportions)."""
+    return [
         "data.source=store", f"data.store_path={acts}", f"data.site={SITE}", "sae.d_in=512",
-        f"sae.n_features={args.sae_features}", f"sae.l1_coefficient={args.l1}",
+        f"sae.n_features={n_features}", f"sae.l1_coefficient={args.l1}",
         "sae.scale_inputs=true", f"sae.l1_warmup_steps={args.sae_steps // 20}",
         f"train.steps={args.sae_steps}", f"train.batch_size={args.sae_batch}",
-        f"train.run_dir={sae_run}", "optim.lr=1e-3", "resample.at_fractions=[0.25,0.5,0.75]",
-        f"resample.window_steps={args.sae_steps // 8}", "resample.n_inputs=131072",
-        "train.checkpoint_every=1000"])
-    from saejax.train.loop import train
-    stage(results, "sae", (sae_run / "done").exists(), lambda: _sae(train, sae_cfg, sae_run))
-    _save(res_file, results)
+        f"train.seed={seed}", f"train.run_dir={run_dir}", "optim.lr=1e-3",
+        "resample.at_fractions=[0.25,0.5,0.75]", f"resample.window_steps={args.sae_steps // 8}",
+        "resample.n_inputs=131072", "train.checkpoint_every=1000"]
 
 
 def _save(res_file: Path, results: dict) -> None:

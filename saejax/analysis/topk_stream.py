@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax.analysis.stream import site_batches
+from saejax.hashmix import mix32
 
 
 @dataclass(frozen=True)
@@ -134,15 +135,6 @@ def merge_topk(score: jax.Array, payload: Sequence[jax.Array], new_score: jax.Ar
     return best, [take(a, b) for a, b in zip(payload, new_payload)]
 
 
-def _fmix32(h: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finalizer: a bijection with full avalanche (uint32 -> uint32)."""
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
 def priorities(key: jax.Array, ctx: jax.Array, pos: jax.Array, n_features: int) -> jax.Array:
     """[C, F] uniform [0, 1) sampling priorities of tokens (ctx [C], pos [C]) x features.
 
@@ -152,7 +144,7 @@ def priorities(key: jax.Array, ctx: jax.Array, pos: jax.Array, n_features: int) 
     bits = jax.vmap(lambda c, p: jax.random.bits(
         jax.random.fold_in(jax.random.fold_in(key, c), p), (), jnp.uint32))(ctx, pos)
     feat = jnp.arange(n_features, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9)
-    h = _fmix32(bits[:, None] ^ feat[None, :])
+    h = mix32(bits[:, None] ^ feat[None, :])
     return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)  # 24 bits: exact in float32
 
 
