@@ -48,9 +48,7 @@ from saejax.analysis.stream import parse_contexts, site_batches
 from saejax.analysis.topk_stream import (Example, FeatureSummary, StreamOptions, chunk_tokens,
                                          pad_batch, scan_chunks, stream_features)
 
-FORMAT, VERSION = "saejax.analysis", 1
-INDEX = "analysis.json"
-FEATURES = "features"
+from saejax.analysis.layout import FEATURES, FORMAT, INDEX, VERSION, feature, load_analysis
 
 
 @dataclass(frozen=True)
@@ -366,37 +364,6 @@ def analyze(sae_path: str | os.PathLike, tokens_path: str | os.PathLike,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-# -- reading -------------------------------------------------------------------------------------
-
-_INDEX_FIELDS = {"sae": dict, "tokens": dict, "top_k": int, "n_samples": int,
-                 "hist_edges": list, "features": list}
-
-
-def load_analysis(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """The index (analysis.json) of an analysis directory, checked for format and fields."""
-    file = Path(out_dir) / INDEX
-    if not file.is_file():
-        raise FileNotFoundError(f"{out_dir} is not an analysis directory: no {INDEX}")
-    with open(file, encoding="utf-8") as f:
-        index = json.load(f)
-    if index.get("format") != FORMAT or index.get("version") != VERSION:
-        raise ValueError(f"{file}: format {index.get('format')!r} version "
-                         f"{index.get('version')!r}, expected {FORMAT!r} version {VERSION}")
-    for name, kind in _INDEX_FIELDS.items():
-        if not isinstance(index.get(name), kind):
-            raise ValueError(f"{file}: field {name!r} missing or not a {kind.__name__}")
-    return index
-
-
-def feature(out_dir: str | os.PathLike, feature_id: int) -> dict[str, Any]:
-    """One feature's record (features/{id}.json) of an analysis directory."""
-    file = Path(out_dir) / FEATURES / f"{int(feature_id)}.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such feature in the analysis at {out_dir}")
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
 
 
 __all__ = ["AnalysisOptions", "TokenStrings", "Windows", "analyze", "example_windows",

@@ -27,12 +27,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-FORMAT, VERSION = "saejax.analysis", 1
+from saejax.analysis.layout import INDEX, ROW_KEYS, load_analysis
+
 CHUNK = 10_000
 """Feature-table rows per data/index/{i}.js file (~0.5 MB at 10k rows)."""
 BUNDLE = 16
 """Features per data/features/{b}.js file (~15 kB a feature with 40 examples)."""
-ROW_KEYS = ("id", "n_fired", "density", "max_act", "mean_act")
 INDEX_COLUMNS = ROW_KEYS + ("score", "explanation")
 _FEATURE_KEYS = set(ROW_KEYS) | {"top", "samples", "hist", "logits", "explanation", "score"}
 _ANALYSIS_KEYS = {"format", "version", "sae", "tokens", "top_k", "n_samples", "hist_edges",
@@ -75,16 +75,8 @@ def _load_json(path: Path) -> Any:
 
 def read_analysis(analysis_dir: Path) -> dict[str, Any]:
     """analysis.json, checked for the fields the browser reads (errors name the file and field)."""
-    path = analysis_dir / "analysis.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{analysis_dir} is not an analysis directory: no analysis.json")
-    a = _load_json(path)
-    if a.get("format") != FORMAT or a.get("version") != VERSION:
-        raise ValueError(f"{path}: format {a.get('format')!r} version {a.get('version')!r}, "
-                         f"expected {FORMAT!r} version {VERSION}")
-    for name, kind in (("sae", dict), ("tokens", dict), ("hist_edges", list), ("features", list)):
-        if not isinstance(a.get(name), kind):
-            raise ValueError(f"{path}: field {name!r} missing or not a {kind.__name__}")
+    path = analysis_dir / INDEX
+    a = load_analysis(analysis_dir)
     if len(a["hist_edges"]) < 2:
         raise ValueError(f"{path}: field 'hist_edges' needs at least 2 edges")
     seen = set()
