@@ -230,6 +230,21 @@ def test_token_strings_keep_bytes_of_split_characters(world):
     assert strings[-1] == " cat"
 
 
+def test_token_windows_show_split_characters_whole(world):
+    """In a window, a character split over tokens is shown whole on its first token, so the
+    window reads as the text; a cut at the window's start keeps the escapes."""
+    tok = world["tokenizer"]
+    text = "بسم الله кошка the cat"
+    ids = tok.encode(text, add_special_tokens=False)
+    strings = TokenStrings(tok)
+    window = strings.window(ids)
+    assert len(window) == len(ids) and "".join(window) == text
+    assert "" in window  # some token holds only the tail of a split letter
+    split = next(k for k, s in enumerate(strings(ids)) if "\\x" in s)
+    cut = strings.window(ids[split + 1:])
+    assert "".join(cut).startswith("\\x") or window[split + 1] != ""
+
+
 def test_analysis_directory_round_trip(world, tmp_path):
     sae, f, ids, T = world["sae"], world["f"], world["ids"], world["f"].shape[1]
     n_ctx, (before, after) = 40, (3, 2)
@@ -261,7 +276,7 @@ def test_analysis_directory_round_trip(world, tmp_path):
         for e in rec["top"] + rec["samples"]:
             c, p = e["context"], e["pos"]
             lo, hi = max(0, p - before), min(T, p + after + 1)
-            assert e["tokens"] == strings(ids[c, lo:hi])
+            assert e["tokens"] == strings.window(ids[c, lo:hi])
             for t, s in zip(ids[c, lo:hi], e["tokens"]):
                 plain = world["tokenizer"].decode([t], clean_up_tokenization_spaces=False)
                 assert s == plain or "\ufffd" in plain

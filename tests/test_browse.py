@@ -347,6 +347,7 @@ def test_site_in_chromium(browser, tmp_path):
     d.execute_script(f"location.hash = '#{DEAD}'")
     _wait(d, lambda: _h1(d).startswith(f"Feature {DEAD}"), "dead")
     assert "never fired" in d.find_element(By.ID, "top").text
+    assert "null" not in d.find_element(By.ID, "feature").text  # no explanation: nothing shown
     d.execute_script(f"location.hash = '#{NO_FILE}'")
     _wait(d, lambda: "no examples file" in d.find_element(By.ID, "stats").text, "file-less")
     assert d.find_element(By.ID, "next").get_attribute("href") is None  # the last feature

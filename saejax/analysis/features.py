@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax.analysis.logit_effects import LogitEffects, logit_effects
+from saejax.analysis.scripts import byte_decoder, token_bytes
 from saejax.analysis.stream import parse_contexts, site_batches
 from saejax.analysis.topk_stream import (Example, FeatureSummary, StreamOptions, chunk_tokens,
                                          pad_batch, scan_chunks, stream_features)
@@ -96,20 +97,6 @@ class AnalysisOptions:
 # -- token strings -------------------------------------------------------------------------------
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, inverted: printable stand-in character -> byte."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-          *range(ord("®"), ord("ÿ") + 1)]
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:  # unprintable bytes map to 256, 257, ... in byte order
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
 class TokenStrings:
     """Token id -> display string, each token decoded on its own (cached).
 
@@ -121,7 +108,8 @@ class TokenStrings:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._cache: dict[int, str] = {}
-        self._bytes = _byte_decoder()
+        self._bytes = byte_decoder()
+        self._vocab_bytes: list[bytes | None] | None = None
 
     def __call__(self, ids) -> list[str]:
         return [self.one(int(i)) for i in np.asarray(ids).reshape(-1)]
@@ -140,6 +128,39 @@ class TokenStrings:
                 s = " " + s  # SentencePiece drops a word-initial space when decoding one token
             self._cache[i] = s
         return s
+
+    def window(self, ids) -> list[str]:
+        """Display strings of a run of tokens, decoded in context: a character whose bytes span
+        several tokens (byte-level BPE splitting an Arabic letter) is shown whole on the token
+        that holds its first byte, and a token holding only the rest of it shows as "". Bytes
+        cut at the run's edges, special tokens and unknown bytes keep `one`'s rendering."""
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        if self._vocab_bytes is None:
+            self._vocab_bytes = token_bytes(self.tokenizer)
+        raw = [self._vocab_bytes[i] if i < len(self._vocab_bytes) else None for i in ids]
+        out = [self.one(i) if not b else "" for i, b in zip(ids, raw)]
+        owner = [k for k, b in enumerate(raw) if b for _ in b]  # byte -> its token
+        buf = b"".join(b for b in raw if b)
+        p = 0
+        while p < len(buf):
+            n = _utf8_length(buf, p)
+            out[owner[p]] += buf[p:p + n].decode("utf-8", "backslashreplace")
+            p += n
+        return out
+
+
+def _utf8_length(buf: bytes, p: int) -> int:
+    """Bytes of the UTF-8 character starting at buf[p]; 1 for a byte that does not start a
+    complete valid character (it is then shown as an escape)."""
+    lead = buf[p]
+    n = 1 if lead < 0x80 else 2 if 0xC2 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 \
+        else 4 if 0xF0 <= lead < 0xF5 else 1
+    if n > 1:
+        try:
+            buf[p:p + n].decode("utf-8")
+        except UnicodeDecodeError:
+            return 1
+    return n
 
 
 # -- example windows -----------------------------------------------------------------------------
@@ -240,7 +261,7 @@ def _example_records(examples: list[Example], win: Windows, offset: int,
         e = offset + i
         n = int(win.stop[e] - win.start[e])
         out.append({"context": ex.context, "pos": ex.pos, "act": _sig(ex.act),
-                    "tokens": strings(win.ids[e, :n]), "acts": _sig(win.acts[e, :n]),
+                    "tokens": strings.window(win.ids[e, :n]), "acts": _sig(win.acts[e, :n]),
                     "focus": int(ex.pos - win.start[e])})
     return out
 

@@ -27,7 +27,7 @@ function render(f, meta) {
   navLink($("prev"), f.prev);
   navLink($("next"), f.next);
   const dead = f.n_fired === 0;
-  $("feature").replaceChildren(
+  const parts = [
     el("h1", {}, `Feature ${f.id}`, dead ? el("span", { className: "badge dead" }, "dead") : null),
     explanation(f),
     el("div", { className: "cols" },
@@ -35,7 +35,9 @@ function render(f, meta) {
       el("section", {}, el("h2", {}, "Activations"), actHistogram(f, meta.hist_edges))),
     logits(f.logits),
     examples("top", "Top activations", f.top, f),
-    examples("samples", "Random samples across the activation range", f.samples, f));
+    examples("samples", "Random samples across the activation range", f.samples, f)];
+  // replaceChildren would show a skipped (null) part as the text "null"
+  $("feature").replaceChildren(...parts.filter((c) => c !== null && c !== undefined));
 }
 
 function navLink(a, id) {
