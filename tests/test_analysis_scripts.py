@@ -314,5 +314,5 @@ def test_analyse_scripts_from_an_export(world, tmp_path):
     d = json.loads((tmp_path / "scripts.json").read_text())
     assert d["n_contexts"] == 64 and d["classes"]["arabic"]["n_tokens"] == stats.n_class[0]
     assert "arabic:" in (tmp_path / "scripts.txt").read_text()
-    best = d["classes"]["arabic"]["feature"]["precision"][0]["id"]
+    best = d["classes"]["arabic"]["feature"]["f1"][0]["id"]
     assert (tmp_path / f"scripts_arabic_{best}.png").is_file()

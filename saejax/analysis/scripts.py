@@ -666,7 +666,7 @@ def analyse_scripts(sae_path, tokens_path, out_dir=None, *, contexts: str = "",
     tokenizer (tokenizer_path or the LM's directory) and the token dataset; measure
     `contexts` ("START:STOP", "" = all). With out_dir, write scripts.json (`to_dict`),
     scripts.txt (`format_report`) and, per class, a histogram PNG of the best feature by
-    precision (`plot_class_histogram`)."""
+    F1 (`plot_class_histogram`)."""
     from saejax.analysis.stream import parse_contexts  # noqa: PLC0415
     from saejax.atomic import write_json_atomic  # noqa: PLC0415
     from saejax.eval.trained import load_sae  # noqa: PLC0415
@@ -689,8 +689,10 @@ def analyse_scripts(sae_path, tokens_path, out_dir=None, *, contexts: str = "",
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(str(out / "scripts.json"), stats.to_dict(opts.top_k, opts.min_support))
     (out / "scripts.txt").write_text(format_report(stats, opts.top_k, opts.min_support))
+    # The figure shows the best feature by F1: by precision alone a rare, weak feature that
+    # fires on a handful of class tokens would win.
     best = {cls: rows[0]["id"] for cls in stats.classes
-            if (rows := stats.rank("feature", cls, "precision", opts.min_support, 1))}
+            if (rows := stats.rank("feature", cls, "f1", opts.min_support, 1))}
     if best:  # one more pass, for the chosen features only
         acts = unit_activations(lm, tokens, ctx, labeler, sorted(set(best.values())), sae=sae,
                                 batch_contexts=opts.batch_contexts)
