@@ -115,6 +115,10 @@ def main() -> None:
     run_stage(report, "browse", (work / "browse" / "index.html").exists(), lambda: cli(
         "browse", str(work / "analysis" / "sae"), str(work / "browse"),
         "--title", "one-layer model, 4,096 features"))
+    arabic = report["analysis"]["sae"]["scripts"]["classes"]["arabic"]["feature"]["f1"][0]["id"]
+    shot = work / "browse" / f"feature_{arabic}.png"
+    run_stage(report, "screenshot", shot.exists(), lambda: screenshot(
+        work / "browse", arabic, shot))
     run_stage(report, "compare_seeds", (work / "compare_seeds" / "compare.json").exists(),
               lambda: cli("compare", runs["sae_512"], runs["sae_512_seed1"], "--tokens", tokens,
                           "--contexts", args.analysis_contexts,
@@ -132,7 +136,69 @@ def main() -> None:
     report["splitting"] = json.loads((work / "splitting" / "splitting.json").read_text())
     rep_file.write_text(json.dumps(report, indent=1))
     copy_figures(work)
-    print(json.dumps({k: report[k] for k in ("seconds",)}, indent=1))
+    (work / "report.md").write_text(table(report))
+    print(table(report))
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def table(report: dict) -> str:
+    """The README's comparison table, from report.json (markdown)."""
+    ev = {r["name"]: r for r in report["eval"]["saes"]}
+    an = report["analysis"]
+    seeds = report["compare_seeds"]["features"]["correlation"]["a_to_b"]
+    rows = [("loss recovered, zero ablation", "79% (A/1)", "loss_recovered_zero"),
+            ("loss recovered, mean ablation", "-", "loss_recovered_mean"),
+            ("L0 (mean features per token)", "healthy < 10-20", "l0"),
+            ("FVU", "-", "fvu"), ("dead (never fires in 1.02M held-out tokens)", "4.1%",
+                                  "dead_fraction"),
+            ("ultralow density (< 1e-6)", "7.1%", "ultralow_fraction"),
+            ("dense (> 1%)", "few", "dense_fraction")]
+    lines = ["| measure | paper (A/1 unless noted) | 512 | 1,024 | 4,096 |",
+             "| --- | --- | --- | --- | --- |"]
+    for label, paper, key in rows:
+        vals = [ev[n][key] for n in ("sae_512", "sae_1024", "sae")]
+        fmt = (lambda v: f"{v:.2f}") if key in ("l0", "fvu") else _pct
+        lines.append(f"| {label} | {paper} | " + " | ".join(fmt(v) for v in vals) + " |")
+    def arabic(name, kind="feature", level=None):
+        row = an[name]["scripts"]["classes"]["arabic"][kind]["f1"][0]
+        if level is None:
+            return row["precision"], row["id"]
+        return next(lv["precision"] for lv in row["levels"] if lv["level"] == level), row["id"]
+    for label, paper, level in [("best Arabic feature: precision (all activations)", "81%",
+                                 None), ("best Arabic feature: precision, activation > 5",
+                                         "98%", 5.0)]:
+        cells = []
+        for n in ("sae_512", "sae_1024", "sae"):
+            p, i = arabic(n, level=level)
+            cells.append(f"{_pct(p)} (#{i})")
+        lines.append(f"| {label} | {paper} | " + " | ".join(cells) + " |")
+    p, i = arabic("neurons", kind="feature")
+    lines.append(f"| best Arabic neuron: precision | (neurons polysemantic) | "
+                 f"{_pct(p)} (neuron {i}) | | |")
+    ai = {n: an[n]["autointerp"]["mean"] for n in ("sae_512", "sae_1024", "sae", "neurons")}
+    lines.append("| offline auto-interp score (mean Spearman, 200 units) | features beat neurons | "
+                 + " | ".join(f"{ai[n]:.3f}" for n in ("sae_512", "sae_1024", "sae"))
+                 + f" (neurons {ai['neurons']:.3f}) |")
+    lines.append(f"| cross-seed best-match correlation, median | 0.72 across models "
+                 f"(neurons 0.46) | {seeds['median']:.2f} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def screenshot(site: Path, feature_id: int, png: Path) -> None:
+    """A picture of the browser's page for one feature, by headless Chromium (when installed)."""
+    import subprocess
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        print("no chromium: no screenshot")
+        return
+    url = (site / "feature.html").resolve().as_uri() + f"#{feature_id}"
+    subprocess.run([chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
+                    "--window-size=1280,1400", "--hide-scrollbars", "--virtual-time-budget=5000",
+                    f"--screenshot={png}", url], check=True, capture_output=True)
 
 
 def copy_figures(work: Path) -> None:
@@ -140,7 +206,8 @@ def copy_figures(work: Path) -> None:
     figs = HERE / "figures"
     figs.mkdir(exist_ok=True)
     for src in [*(work / "eval").glob("*_density.png"), work / "splitting" / "splitting.png",
-                *(work / "analysis" / "sae" / "scripts").glob("*.png")]:
+                *(work / "analysis" / "sae" / "scripts").glob("*.png"),
+                *(work / "browse").glob("feature_*.png")]:
         shutil.copy(src, figs / src.name)
 
 
