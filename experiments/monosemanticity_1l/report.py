@@ -13,7 +13,7 @@ Each stage is the `saejax` command named beside it, on the artifacts of `run.py`
               (the splitting tree)
 
 Held-out text: the SAEs trained on activations of the first 12,000 contexts (run.py's harvest);
-`eval` reads the last 8,000 contexts (1.02M tokens, enough to resolve density 1e-6, and the LM's
+`eval` reads the last 8,000 contexts (1.01M tokens, enough to resolve density 1e-6, and the LM's
 own validation contexts are the last 512 of them), `analyze` and `compare` read contexts
 12,000-16,000. Numbers go to W/report.json; the figures the README embeds are copied into
 experiments/monosemanticity_1l/figures/.
@@ -152,7 +152,7 @@ def table(report: dict) -> str:
     rows = [("loss recovered, zero ablation", "79% (A/1)", "loss_recovered_zero"),
             ("loss recovered, mean ablation", "-", "loss_recovered_mean"),
             ("L0 (mean features per token)", "healthy < 10-20", "l0"),
-            ("FVU", "-", "fvu"), ("dead (never fires in 1.02M held-out tokens)", "4.1%",
+            ("FVU", "-", "fvu"), ("dead (never fires in 1.01M held-out tokens)", "4.1%",
                                   "dead_fraction"),
             ("ultralow density (< 1e-6)", "7.1%", "ultralow_fraction"),
             ("dense (> 1%)", "few", "dense_fraction")]
