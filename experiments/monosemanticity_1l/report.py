@@ -9,7 +9,8 @@ Each stage is the `saejax` command named beside it, on the artifacts of `run.py`
     analyze   saejax analyze SAE --tokens T --contexts 12000:16000 --scripts arabic,cyrillic,cjk
               --autointerp offline --autointerp-n 200 --out W/analysis/<name>   (also the neurons)
     browse    saejax browse W/analysis/sae W/browse
-    compare   saejax compare sae_512 sae_512_seed1 ... (cross-seed) and sae_512 sae_1024 sae
+    compare   saejax compare sae_512 sae_512_seed1 ... (cross-seed); sae_512 sae_512_lm_seed1
+              --neurons (across two LMs, with the neuron baseline); sae_512 sae_1024 sae
               (the splitting tree)
 
 Held-out text: the SAEs trained on activations of the first 12,000 contexts (run.py's harvest);
@@ -123,6 +124,10 @@ def main() -> None:
               lambda: cli("compare", runs["sae_512"], runs["sae_512_seed1"], "--tokens", tokens,
                           "--contexts", args.analysis_contexts,
                           "--out", str(work / "compare_seeds")))
+    run_stage(report, "compare_models", (work / "compare_models" / "compare.json").exists(),
+              lambda: cli("compare", runs["sae_512"], str(work / "sae_512_lm_seed1"),
+                          "--neurons", "--tokens", tokens, "--contexts", args.analysis_contexts,
+                          "--out", str(work / "compare_models")))
     labels_file = work / "splitting_labels.json"
     if not labels_file.exists():
         labels_file.write_text(json.dumps({n: top_token_labels(work / "analysis" / n)
@@ -133,6 +138,7 @@ def main() -> None:
                           "--labels", str(labels_file), "--out", str(work / "splitting")))
     report["eval"] = json.loads((work / "eval" / "eval.json").read_text())
     report["compare_seeds"] = json.loads((work / "compare_seeds" / "compare.json").read_text())
+    report["compare_models"] = json.loads((work / "compare_models" / "compare.json").read_text())
     report["splitting"] = json.loads((work / "splitting" / "splitting.json").read_text())
     rep_file.write_text(json.dumps(report, indent=1))
     copy_figures(work)
@@ -182,8 +188,12 @@ def table(report: dict) -> str:
     lines.append("| offline auto-interp score (mean Spearman, 200 units) | features beat neurons | "
                  + " | ".join(f"{ai[n]:.3f}" for n in ("sae_512", "sae_1024", "sae"))
                  + f" (neurons {ai['neurons']:.3f}) |")
-    lines.append(f"| cross-seed best-match correlation, median | 0.72 across models "
-                 f"(neurons 0.46) | {seeds['median']:.2f} | | |")
+    lines.append(f"| same LM, two SAE seeds: best-match correlation, median | - | "
+                 f"{seeds['median']:.2f} | | |")
+    models = report["compare_models"]
+    feats, neurons = (models[k]["correlation"]["a_to_b"]["median"] for k in ("features", "neurons"))
+    lines.append(f"| two LMs (seeds 0, 1): best-match correlation, median | 0.72 (neurons 0.46) | "
+                 f"{feats:.2f} (neurons {neurons:.2f}) | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -96,6 +96,19 @@ def main() -> None:
         stage(results, name, (work / name / "done").exists(),
               lambda cfg=cfg, name=name: _sae(train, cfg, work / name))
         _save(res_file, results)
+    # Universality: a second LM (seed 1: other init and data order) and a 512-feature SAE on it.
+    lm_b, acts_b = work / "lm_seed1", work / "acts_seed1"
+    cfg_b = load_lm_train_config(None, [
+        f"data.tokens={tokens}", f"data.tokenizer={tok_dir}", f"train.run_dir={lm_b}",
+        f"train.steps={args.lm_steps}", f"train.batch_size={args.lm_batch}", "train.seed=1"])
+    stage(results, "lm_seed1", (lm_b / "hf" / "config.json").exists(), lambda: train_lm(cfg_b))
+    stage(results, "harvest_seed1", (acts_b / "manifest.json").exists(), lambda: {
+        "n_rows": harvest(lm_b / "hf", tokens, acts_b, [SITE], dtype="bfloat16",
+                          max_contexts=args.harvest_contexts)["n_rows"]})
+    cfg = load_config(None, sae_overrides(args, acts_b, work / "sae_512_lm_seed1", 512, 0))
+    stage(results, "sae_512_lm_seed1", (work / "sae_512_lm_seed1" / "done").exists(),
+          lambda: _sae(train, cfg, work / "sae_512_lm_seed1"))
+    _save(res_file, results)
 
 
 def sae_overrides(args, acts: Path, run_dir: Path, n_features: int, seed: int) -> list[str]:
