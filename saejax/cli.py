@@ -163,10 +163,11 @@ def cmd_browse(args) -> int:
 
 def cmd_compare(args) -> int:
     import json
+    from pathlib import Path
 
     from saejax.analysis.compare import compare, format_summary
 
-    labels = json.loads(open(args.labels, encoding="utf-8").read()) if args.labels else None
+    labels = json.loads(Path(args.labels).read_text(encoding="utf-8")) if args.labels else None
     result = _as_config_error(compare, args.saes, args.tokens, args.out, contexts=args.contexts,
                               batch_contexts=args.batch_contexts, neurons=args.neurons,
                               threshold=args.threshold, labels=labels,
@@ -175,13 +176,18 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _config_arguments(p: argparse.ArgumentParser, example: str) -> None:
+    """The arguments of a config-driven command: YAML file, --quiet, dotted overrides."""
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saejax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train an SAE (no arguments: the embedded synthetic default)")
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sae.n_features=4096")
+    _config_arguments(p, "sae.n_features=4096")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("export", help="write a run's newest SAE in SAELens's on-disk format")
     p.add_argument("run_dir")
@@ -189,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("train-lm", help="train a small LM (default: the paper's one-layer model) "
                                         "on a token dataset; saves run_dir/hf")
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.tokens=DIR")
+    _config_arguments(p, "data.tokens=DIR")
     p.set_defaults(func=cmd_train_lm)
     p = sub.add_parser("tokenize", help="pack text into fixed-length token contexts on disk")
     p.add_argument("out_dir")

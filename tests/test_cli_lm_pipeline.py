@@ -4,8 +4,6 @@
 
 import json
 
-import pytest
-
 from saejax import cli
 
 SITE = "blocks.0.mlp.hook_post"

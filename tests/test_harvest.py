@@ -10,7 +10,7 @@ from saejax.data.harvest import harvest
 from saejax.data.store import ActivationStore
 from saejax.lm import load_lm
 from saejax.text.tokenizer import train_bpe
-from saejax.text.tokens import TokenDataset, write_token_dataset
+from saejax.text.tokens import write_token_dataset
 
 SITE = "blocks.0.mlp.hook_post"
 DOCS = [f"document {i}: the quick brown fox jumps over {i % 7} lazy dogs. " * 3 for i in range(60)]

@@ -241,11 +241,12 @@ def test_nonfinite_loss_stops_with_exit_3_and_keeps_last_good_checkpoint(tmp_pat
     assert steps_with_inf == [bad_step]
 
     run_dir = tmp_path / "run"
-    rc = cli.main(["train", "--quiet", "data.source=npy", f"data.paths=[{path}]",
-                   f"sae.d_in={d}", "sae.n_features=32", "sae.init_b_dec_median=false",
-                   "resample.enabled=false", "train.steps=40", f"train.batch_size={batch}",
-                   "train.log_every=5", "train.checkpoint_every=10", f"train.run_dir={run_dir}",
-                   "train.progress=false"])
+    command = ["train", "--quiet", "data.source=npy", f"data.paths=[{path}]",
+               f"sae.d_in={d}", "sae.n_features=32", "sae.init_b_dec_median=false",
+               "resample.enabled=false", "train.steps=40", f"train.batch_size={batch}",
+               "train.log_every=5", "train.checkpoint_every=10", f"train.run_dir={run_dir}",
+               "train.progress=false"]
+    rc = cli.main(command)
     err = capsys.readouterr().err
     assert rc == 3, err
     # Named as metrics.jsonl counts steps: the batch with index 25 is the 26th step.
@@ -263,11 +264,7 @@ def test_nonfinite_loss_stops_with_exit_3_and_keeps_last_good_checkpoint(tmp_pat
         assert np.isfinite(np.asarray(leaf)).all()
 
     # Resuming re-reaches the poisoned batch and stops the same way, from the good checkpoint.
-    rc = cli.main(["train", "--quiet", "data.source=npy", f"data.paths=[{path}]",
-                   f"sae.d_in={d}", "sae.n_features=32", "sae.init_b_dec_median=false",
-                   "resample.enabled=false", "train.steps=40", f"train.batch_size={batch}",
-                   "train.log_every=5", "train.checkpoint_every=10", f"train.run_dir={run_dir}",
-                   "train.progress=false"])
+    rc = cli.main(command)
     err = capsys.readouterr().err
     assert rc == 3 and f"at step {bad_step + 1};" in err, err
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["10", "20"]

@@ -1,10 +1,8 @@
-"""Held-out reconstruction and sparsity metrics of a trained SAE."""
+"""Held-out reconstruction metrics of a trained SAE (the training loop's final summary)."""
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from saejax.sae.base import reconstruction_metrics
@@ -22,13 +20,3 @@ def heldout_metrics(graphdef, params: dict, input_scale, x: jax.Array) -> dict:
 
     return {k: float(v) for k, v in jax.device_get(run(params, input_scale, x)).items()}
 
-
-def fired_fraction(graphdef, params: dict, input_scale, x: jax.Array) -> np.ndarray:
-    """[F] fraction of the inputs on which each feature fires."""
-
-    @jax.jit
-    def run(params, scale, x):
-        sae = nnx.merge(graphdef, params)
-        return sae.fired(sae.encode(x * scale)).mean(axis=0)
-
-    return np.asarray(jax.device_get(run(params, input_scale, x)))

@@ -38,7 +38,6 @@ not a dataset. A non-empty directory the writer did not create is never touched.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Iterable, Iterator, Literal, Sequence
