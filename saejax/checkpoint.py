@@ -23,15 +23,13 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from saejax.errors import CheckpointError  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
 PyTree = Any
 _FP_KEY = "_saejax_fingerprint"
 """Reserved meta key holding the fingerprint; stripped from the meta handed back by restore."""
-
-
-class CheckpointError(RuntimeError):
-    """Checkpoints exist but none of them restores and verifies."""
 
 
 def _leaf_bits(x: jax.Array) -> jax.Array:
@@ -63,12 +61,19 @@ def _fingerprint_sums(leaves: list[jax.Array]) -> jax.Array:
     return jnp.stack(rows) if rows else jnp.zeros((0, 2), jnp.uint32)
 
 
+def _path_name(path) -> str:
+    """"params/W_dec" for a leaf path, whether the tree is a struct dataclass or a dict, so a
+    partial restore into plain dicts names its leaves as the saved state did."""
+    return "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
+                    for k in path)
+
+
 def fingerprint(state: PyTree, meta: dict | None = None) -> dict:
     """{leaf path: [s1, s2]} of the state (computed on device; 2 uint32 per leaf reach the host),
     plus a sha256 of the JSON meta so edits to the meta file are caught too."""
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
     sums = jax.device_get(_fingerprint_sums([x for _, x in flat])).tolist()
-    fp = {jax.tree_util.keystr(p): s for (p, _), s in zip(flat, sums)}
+    fp = {_path_name(p): s for (p, _), s in zip(flat, sums)}
     if meta is not None:  # hash what a JSON round trip gives back (tuples become lists, etc.)
         canon = json.dumps(json.loads(json.dumps(meta)), sort_keys=True)
         fp["<meta sha256>"] = hashlib.sha256(canon.encode()).hexdigest()
@@ -113,12 +118,15 @@ class Checkpointer:
         self._mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
-    def restore_latest(self, abstract_state: PyTree) -> tuple[int, PyTree, dict] | None:
+    def restore_latest(self, abstract_state: PyTree,
+                       partial: bool = False) -> tuple[int, PyTree, dict] | None:
         """(step, state, meta) of the newest checkpoint that restores and verifies, else None if
         there is none; raises CheckpointError if there are some but all are damaged.
 
         `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set: the arrays are
-        laid out that way, whatever mesh they were saved from.
+        laid out that way, whatever mesh they were saved from. With `partial`, it is a nested
+        dict naming a subset of the saved state (e.g. {"params": ..., "input_scale": ...}): only
+        those arrays are read, and only their fingerprints are checked.
         """
         self.wait()
         self._mngr.reload()
@@ -126,7 +134,7 @@ class Checkpointer:
         reasons = {}
         for step in steps:
             try:
-                return (step, *self._restore_verified(step, abstract_state))
+                return (step, *self._restore_verified(step, abstract_state, partial))
             except Exception as e:  # damage surfaces as many exception types; all mean "skip it"
                 reasons[step] = _reason(e)
                 msg = f"checkpoint step {step} in {self.directory} is damaged ({reasons[step]})"
@@ -138,14 +146,24 @@ class Checkpointer:
                 f"step {s}: {r}" for s, r in reasons.items()))
         return None
 
-    def _restore_verified(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict]:
+    def _restore_verified(self, step: int, abstract_state: PyTree,
+                          partial: bool) -> tuple[PyTree, dict]:
+        if partial:
+            restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
+                                        abstract_state)
+            state_args = ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args,
+                                                partial_restore=True)
+        else:
+            state_args = ocp.args.StandardRestore(abstract_state)
         out = self._mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            state=state_args, meta=ocp.args.JsonRestore()))
         meta = dict(out["meta"])
         saved = meta.pop(_FP_KEY, None)
         if saved is None:
             raise CheckpointError("meta holds no fingerprint")
         got = fingerprint(out["state"], meta)
+        if partial:
+            saved = {k: v for k, v in saved.items() if k in got}
         if got != saved:
             bad = sorted(k for k in saved.keys() | got.keys() if saved.get(k) != got.get(k))
             raise CheckpointError(f"content fingerprint mismatch in {', '.join(bad)}")

@@ -7,51 +7,17 @@ impossible combinations before any compute, with a message naming the field.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A config value or combination is invalid; the message names the field."""
-
-
-@dataclass
-class SAEConfig:
-    arch: Literal["relu", "topk"] = "relu"
-    """SAE family: `relu` (Towards Monosemanticity, L1 penalty) or `topk` (Gao et al. 2024)."""
-    d_in: int = 64
-    """Width of the input activations (d_model, or d_mlp for MLP activations)."""
-    n_features: int = 512
-    """Dictionary size F (number of latents)."""
-    l1_coefficient: float = 4e-3
-    """relu: λ in loss = MSE + λ·Σ|f| (the paper's A/5 used 0.004)."""
-    l1_warmup_steps: int = 0
-    """relu: λ rises linearly from 0 over this many steps (Anthropic 2024 recipe); 0 = off."""
-    decoder_norm: Literal["unit", "l1_weighted"] = "unit"
-    """relu: `unit` keeps decoder rows at unit norm (grad parallel to each row removed before the
-    optimizer step, rows renormalised after); `l1_weighted` leaves them free and weights each
-    feature's L1 term by its decoder-row norm (Anthropic 2024). topk always uses `unit`."""
-    scale_inputs: bool = False
-    """Scale inputs by one scalar so their mean squared norm is d_in (Anthropic 2024); the scalar
-    is estimated once from a data sample and folded into the weights on export."""
-    init_enc_from_dec: bool = False
-    """Initialise W_enc as W_decᵀ (Anthropic 2024; always on for topk as in Gao et al.)."""
-    init_b_dec_median: bool = True
-    """Initialise b_dec (b_pre for topk) to the geometric median of a data sample (Weiszfeld)."""
-    k: int = 32
-    """topk: number of active latents per token."""
-    k_aux: int = 256
-    """topk: number of dead latents used by the AuxK loss (Gao et al.: d_model/2 or 256)."""
-    aux_coefficient: float = 1 / 32
-    """topk: weight α of the AuxK loss."""
-    dead_tokens_aux: int = 10_000_000
-    """topk: a latent counts as dead for AuxK when it has not fired in this many tokens."""
+from saejax import typedconfig
+from saejax.errors import ConfigError
+from saejax.sae.config import SAEConfig
+from saejax.sae.family import get_family
+# The generic machinery, used through this module by the trainers and the CLI.
+from saejax.typedconfig import (check_same_run, flatten, from_dict,  # noqa: F401
+                                load_dataclass, parse_override, save_config, to_dict)
 
 
 @dataclass
@@ -76,7 +42,8 @@ class OptimConfig:
 @dataclass
 class ResampleConfig:
     enabled: bool = True
-    """Resample dead features (Towards Monosemanticity procedure). relu only."""
+    """Resample dead features (Towards Monosemanticity procedure), for families that resample
+    (relu; topk has AuxK instead)."""
     steps: list[int] = field(default_factory=lambda: [25_000, 50_000, 75_000, 100_000])
     """Steps at which to resample (ignored when `at_fractions` is set)."""
     at_fractions: list[float] = field(default_factory=list)
@@ -177,149 +144,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-# ---------------------------------------------------------------- building from dicts
-
-
-def _check_type(value: Any, tp: Any, name: str) -> Any:
-    """Return `value` coerced to `tp` (int -> float allowed), or raise naming the field."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{name}: {value!r} is not one of {list(typing.get_args(tp))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_check_type(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        for arm in typing.get_args(tp):
-            try:
-                return _check_type(value, arm, name)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{name}: {value!r} does not match {tp}")
-    if tp is type(None):
-        if value is not None:
-            raise ConfigError(f"{name}: expected null, got {value!r}")
-        return None
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
-        raise ConfigError(f"{name}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (valid: {sorted(fields)})")
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _check_type(value, tp, prefix + name)
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    for p in parts[:-1]:
-        tree = tree.setdefault(p, {})
-        if not isinstance(tree, dict):
-            raise ConfigError(f"override {key}: {p} is not a section")
-    tree[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`a.b=value` -> ("a.b", value), the value parsed as YAML (so 4e-3, true, [1,2] work)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value")
-    key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str) and _looks_numeric(value):
-        value = float(value)  # YAML 1.1 reads "4e-3" as a string
-    return key.strip(), value
-
-
-def _looks_numeric(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
-def load_dataclass(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
-    """Config dataclass `cls` from its defaults <- YAML file <- dotted `a.b=value` overrides,
-    unknown keys and wrong types rejected (no cross-field validation)."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path}: top level must be a mapping")
-        tree = _floatify(tree)
-    for text in overrides:
-        _set_dotted(tree, *parse_override(text))
-    return from_dict(cls, tree)
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """The SAE training config: defaults <- YAML file <- dotted overrides, then validation."""
     cfg = load_dataclass(Config, path, overrides)
     validate(cfg)
     return cfg
-
-
-def _floatify(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _floatify(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_floatify(v) for v in tree]
-    if isinstance(tree, str) and _looks_numeric(tree):
-        return float(tree)
-    return tree
-
-
-def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}: dotted keys, as overrides name fields."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def check_same_run(saved: dict, cfg: Any, allowed: set[str], run_dir: str | Path) -> None:
-    """Refuse to resume the run saved in `run_dir` (its config as a dict) with config dataclass
-    `cfg` if any field outside `allowed` changed; the message names each change."""
-    old, new = flatten(saved), flatten(dataclasses.asdict(cfg))
-    changed = sorted(k for k in old.keys() | new.keys()
-                     if old.get(k) != new.get(k) and k not in allowed)
-    if changed:
-        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise ConfigError(f"run_dir {run_dir} holds a run with a different config ({diffs}); "
-                          "use another train.run_dir or the same settings")
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # ---------------------------------------------------------------- validation
@@ -354,15 +183,9 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
     for name, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{name} must be positive, got {v}")
-    if s.l1_coefficient < 0:
-        raise ConfigError(f"sae.l1_coefficient must be >= 0, got {s.l1_coefficient}")
-    if s.arch == "topk":
-        if not 0 < s.k <= s.n_features:
-            raise ConfigError(f"sae.k={s.k} must be in [1, sae.n_features={s.n_features}]")
-        if not 0 < s.k_aux <= s.n_features:
-            raise ConfigError(f"sae.k_aux={s.k_aux} must be in [1, sae.n_features={s.n_features}]")
-        if s.decoder_norm != "unit":
-            raise ConfigError("sae.decoder_norm must be 'unit' for sae.arch=topk")
+    if s.relu.l1_coefficient < 0:
+        raise ConfigError(f"sae.relu.l1_coefficient must be >= 0, got {s.relu.l1_coefficient}")
+    get_family(s.arch).check(s)
     for i, f in enumerate(r.at_fractions):
         if not 0 < f < 1:
             raise ConfigError(f"resample.at_fractions[{i}]={f} must be in (0, 1)")
@@ -407,7 +230,7 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
 def resample_steps(cfg: Config) -> list[int]:
     """The steps at which dead features are resampled for this run (empty when disabled)."""
     r = cfg.resample
-    if not r.enabled or cfg.sae.arch != "relu":
+    if not r.enabled or get_family(cfg.sae.arch).resample is None:
         return []
     if r.at_fractions:
         return sorted({int(f * cfg.train.steps) for f in r.at_fractions})
@@ -418,19 +241,5 @@ def resample_steps(cfg: Config) -> list[int]:
 
 
 def config_reference(root: type = Config) -> str:
-    """Markdown table of every field of `root`: name, default, and the docstring beside it."""
-    import ast
-    import inspect
-
-    rows = ["| field | default | meaning |", "| --- | --- | --- |"]
-    for section in dataclasses.fields(root):
-        cls = typing.get_type_hints(root)[section.name]
-        body = ast.parse(inspect.getsource(cls)).body[0].body
-        docs = {}
-        for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split()).replace("|", r"\|")
-        defaults = dataclasses.asdict(cls())
-        for f in dataclasses.fields(cls):
-            rows.append(f"| `{section.name}.{f.name}` | `{defaults[f.name]!r}` | {docs.get(f.name, '')} |")
-    return "\n".join(rows)
+    """Markdown table of every field: name, default, and the docstring beside it."""
+    return typedconfig.config_reference(root)

@@ -49,21 +49,21 @@ with ``normalize_activations="none"`` and reconstructs x_hat_raw = xs_hat / s.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import safetensors.numpy
+
+from saejax.atomic import atomic_dir
+from saejax.sae import FAMILIES, family_for_saelens, get_family
+from saejax.sae.config import SAEConfig
 
 WEIGHTS_FILENAME = "sae_weights.safetensors"  # sae_lens/constants.py SAE_WEIGHTS_FILENAME
 CFG_FILENAME = "cfg.json"  # sae_lens/constants.py SAE_CFG_FILENAME
 SAELENS_FORMAT_VERSION = "6.0.0"  # first version of the nested-"metadata" cfg format
-ARCHITECTURES = ("standard", "topk")
 DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
-PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 # sae_lens/loading/pretrained_sae_loaders.py LLM_METADATA_KEYS (+ hook_layer, an older SAEMetadata field).
 METADATA_KEYS = {
     "model_name", "hook_name", "model_class_name", "hook_layer", "hook_head_index",
@@ -74,20 +74,27 @@ METADATA_KEYS = {
 METADATA_ALIASES = {"dataset": "dataset_path", "hook_point": "hook_name"}
 
 
-def _shapes(params: dict) -> tuple[int, int]:
-    """(d_in, d_sae) after checking the four arrays; errors name the array and both shapes."""
-    missing = [n for n in PARAM_NAMES if n not in params]
+def saelens_architectures() -> list[str]:
+    return sorted(f.saelens_architecture for f in FAMILIES.values() if f.saelens_architecture)
+
+
+def _sizes(params: dict, axes: dict[str, tuple[str, ...]]) -> tuple[int, int]:
+    """(d_in, d_sae) after checking every parameter the family declares against its logical
+    axes; errors name the array and both shapes."""
+    missing = [n for n in axes if n not in params]
     if missing:
         raise ValueError(f"params is missing {missing} (has {sorted(params)})")
-    if np.ndim(params["W_enc"]) != 2:
-        raise ValueError(f"W_enc must be 2-D [d_in, d_sae], got shape {np.shape(params['W_enc'])}")
-    d_in, d_sae = np.shape(params["W_enc"])
-    want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    for name, shape in want.items():
-        if tuple(np.shape(params[name])) != shape:
-            raise ValueError(f"{name} has shape {tuple(np.shape(params[name]))}, expected {shape} "
-                             f"(d_in={d_in}, d_sae={d_sae} from W_enc)")
-    return d_in, d_sae
+    sizes: dict[str, tuple[int, str]] = {}  # axis -> (size, the parameter it was read from)
+    for name, names in axes.items():
+        shape = tuple(np.shape(params[name]))
+        if len(shape) != len(names):
+            raise ValueError(f"{name} must be {len(names)}-D {list(names)}, got shape {shape}")
+        for axis, n in zip(names, shape):
+            size, source = sizes.setdefault(axis, (n, name))
+            if size != n:
+                raise ValueError(f"{name} has shape {shape}, expected {axis}={size} "
+                                 f"(from {source})")
+    return sizes["d_in"][0], sizes["d_sae"][0]
 
 
 def _split_metadata(metadata: dict | None) -> tuple[dict, dict]:
@@ -110,7 +117,7 @@ def _hook_layer(meta: dict) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def build_cfg(d_in: int, d_sae: int, *, architecture: str, k: int | None, dtype: str,
+def build_cfg(d_in: int, d_sae: int, *, architecture: str, options: dict, dtype: str,
               metadata: dict | None, input_scale: float = 1.0) -> dict:
     """The cfg.json dict: SAELens 6 fields, flat 5.x mirror, and the "saejax" block."""
     meta, extra = _split_metadata(metadata)
@@ -121,14 +128,13 @@ def build_cfg(d_in: int, d_sae: int, *, architecture: str, k: int | None, dtype:
         "reshape_activations": "hook_z" if hook_name.endswith("hook_z") else "none",
         "metadata": meta,
     }
-    if architecture == "topk":
-        cfg.update(k=k, rescale_acts_by_decoder_norm=False)
+    cfg.update(options)
     cfg.update({  # flat SAELens <= 5.x keys (ignored by SAELens 6)
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "model_name": meta["model_name"], "hook_name": meta["hook_name"],
         "hook_layer": _hook_layer(meta), "hook_head_index": meta["hook_head_index"],
-        "activation_fn_str": "topk" if architecture == "topk" else "relu",
-        "activation_fn_kwargs": {"k": k} if architecture == "topk" else {},
+        "activation_fn_str": {"standard": "relu"}.get(architecture, architecture),
+        "activation_fn_kwargs": {"k": options["k"]} if "k" in options else {},
         "finetuning_scaling_factor": False, "context_size": meta["context_size"],
         "dataset_path": meta["dataset_path"], "dataset_trust_remote_code": True,
         "prepend_bos": meta["prepend_bos"], "sae_lens_training_version": None,
@@ -139,80 +145,52 @@ def build_cfg(d_in: int, d_sae: int, *, architecture: str, k: int | None, dtype:
     return cfg
 
 
-def fold_input_scale(params: dict, s: float) -> dict:
-    """Params trained on s*x as params for raw x (the derivation is in the module docstring)."""
-    return {"W_enc": params["W_enc"] * s, "b_enc": params["b_enc"], "W_dec": params["W_dec"] / s,
-            "b_dec": params["b_dec"] / s}
-
-
-def _write_fsynced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def export_saelens(out_dir, params: dict[str, np.ndarray], *, architecture: str,
-                   k: int | None = None, input_scale: float = 1.0, metadata: dict | None = None,
-                   dtype: str = "float32", overwrite: bool = False) -> Path:
+                   options: dict | None = None, input_scale: float = 1.0,
+                   metadata: dict | None = None, dtype: str = "float32",
+                   overwrite: bool = False) -> Path:
     """Write `params` (trained on inputs scaled by `input_scale`) as a SAELens SAE for raw inputs.
 
-    Atomic: files go into a temp folder beside `out_dir`, are fsynced, and the folder is renamed
-    into place. An existing non-empty `out_dir` is an error unless `overwrite=True`.
+    `architecture` names the family (`Family.saelens_architecture`), whose parameters are
+    written and whose rule folds the input scale; `options` are its extra cfg.json keys
+    (`Family.saelens_options`, e.g. {"k": 32}). Atomic: files go into a temp folder beside
+    `out_dir`, are fsynced, and the folder is renamed into place. An existing non-empty `out_dir`
+    is an error unless `overwrite=True`.
     """
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    family = family_for_saelens(architecture)
+    if family is None:
+        raise ValueError(f"architecture must be one of {saelens_architectures()}, "
+                         f"got {architecture!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     s = float(input_scale)
     if not (np.isfinite(s) and s > 0):
         raise ValueError(f"input_scale must be finite and > 0, got {input_scale}")
-    d_in, d_sae = _shapes(params)
-    if architecture == "topk":
-        if k is None or int(k) != k or not 1 <= k <= d_sae:
-            raise ValueError(f"topk needs an integer k in [1, d_sae={d_sae}], got {k!r}")
-        k = int(k)
-    elif k is not None:
-        raise ValueError(f"k is only for architecture='topk', got k={k} for {architecture!r}")
+    d_in, d_sae = _sizes(params, family.param_axes)
+    options = dict(options or {})
+    allowed = set(family.saelens_options(SAEConfig(arch=family.name)))
+    if set(options) - allowed:
+        raise ValueError(f"{sorted(set(options) - allowed)} are not options of architecture "
+                         f"{architecture!r} (it has {sorted(allowed)})")
+    family.from_saelens(options)  # what a reader needs is there
+    if "k" in options and (int(options["k"]) != options["k"] or not 1 <= options["k"] <= d_sae):
+        raise ValueError(f"k must be an integer in [1, d_sae={d_sae}], got {options['k']!r}")
 
-    p = {n: np.asarray(params[n], np.float64) for n in PARAM_NAMES}
+    p = {n: np.asarray(params[n], np.float64) for n in family.param_axes}
     for name, value in p.items():
         if not np.isfinite(value).all():
             raise ValueError(f"{name} contains NaN or inf")
-    folded = fold_input_scale(p, s)
+    folded = family.fold_input_scale(p, s)
     tensors = {n: np.ascontiguousarray(v.astype(DTYPES[dtype])) for n, v in folded.items()}
-    cfg = build_cfg(d_in, d_sae, architecture=architecture, k=k, dtype=dtype,
+    cfg = build_cfg(d_in, d_sae, architecture=architecture, options=options, dtype=dtype,
                     metadata=metadata, input_scale=s)
 
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
-        _write_fsynced(tmp / WEIGHTS_FILENAME, safetensors.numpy.save(tensors))
-        _write_fsynced(tmp / CFG_FILENAME, (json.dumps(cfg, indent=2) + "\n").encode())
-        _fsync_dir(tmp)
-        if out_dir.exists():  # move the old one aside, rename the new one in, drop the old one
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(out_dir) as tmp:
+        (tmp / WEIGHTS_FILENAME).write_bytes(safetensors.numpy.save(tensors))
+        (tmp / CFG_FILENAME).write_text(json.dumps(cfg, indent=2) + "\n")
     return out_dir
 
 
@@ -253,62 +231,44 @@ def load_saelens(path) -> tuple[dict[str, np.ndarray], dict]:
     for key in ("d_in", "d_sae", "architecture"):
         if key not in cfg:
             raise KeyError(f"{cfg_path} has no {key!r}")
-    if cfg["architecture"] == "topk" and cfg.get("k") is None:
-        raise KeyError(f"{cfg_path}: architecture 'topk' needs 'k'")
+    family = family_for_saelens(cfg["architecture"])
+    if family is None:
+        raise ValueError(f"{cfg_path}: architecture {cfg['architecture']!r} is not one of "
+                         f"{saelens_architectures()}")
     params = {n: np.asarray(v, np.float32)
               for n, v in safetensors.numpy.load_file(str(weights_path)).items()}
-    missing = [n for n in PARAM_NAMES if n not in params]
+    missing = [n for n in family.param_axes if n not in params]
     if missing:
         raise KeyError(f"{weights_path} has no tensor(s) {missing} (has {sorted(params)})")
-    d_in, d_sae = _shapes(params)
+    d_in, d_sae = _sizes(params, family.param_axes)
     if (d_in, d_sae) != (cfg["d_in"], cfg["d_sae"]):
         raise ValueError(f"{weights_path}: W_enc shape {(d_in, d_sae)} does not match cfg "
                          f"d_in={cfg['d_in']}, d_sae={cfg['d_sae']}")
     return params, cfg
 
 
-def _check_supported(cfg: dict) -> None:
-    if cfg["architecture"] not in ARCHITECTURES:
-        raise NotImplementedError(f"architecture {cfg['architecture']!r} (only {ARCHITECTURES})")
-    if cfg.get("normalize_activations", "none") != "none":
-        raise NotImplementedError(
-            f"normalize_activations={cfg['normalize_activations']!r} (only 'none')")
+def _dataset_path(cfg) -> str | None:
+    """Where a run's training activations came from, for cfg.json's metadata.dataset_path."""
+    d = cfg.data
+    path = {"store": d.store_path, "lm": d.tokens_path, "npy": ",".join(d.paths)}.get(d.source)
+    return path or None
 
 
-def _rescale(params: dict, cfg: dict) -> np.ndarray | None:
-    """Decoder row norms when a topk SAE has rescale_acts_by_decoder_norm, else None."""
-    if cfg["architecture"] == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
-        return np.linalg.norm(params["W_dec"], axis=-1)
-    return None
+def export_run(run_dir, out_dir, *, overwrite: bool = False) -> Path:
+    """Export a training run's newest good checkpoint in SAELens's format. Only the parameters
+    are read (onto all local devices, features sharded) and copied to the host shard by shard."""
+    from saejax.runs import load_params, provenance  # noqa: PLC0415 (reads checkpoints)
 
-
-def saelens_encode(params, cfg, x: np.ndarray) -> np.ndarray:
-    """SAELens StandardSAE/TopKSAE .encode in numpy (x [..., d_in] -> f [..., d_sae]).
-
-    Inputs are already flat: SAELens's reshape_activations="hook_z" head flattening is not done.
-    """
-    _check_supported(cfg)
-    x = np.asarray(x, np.float32)
-    if cfg.get("apply_b_dec_to_input", True):
-        x = x - params["b_dec"]
-    pre = x @ params["W_enc"] + params["b_enc"]
-    if cfg["architecture"] == "standard":
-        return np.maximum(pre, 0)
-    norms = _rescale(params, cfg)
-    if norms is not None:
-        pre = pre * norms
-    k = int(cfg["k"])
-    idx = np.argpartition(-pre, k - 1, axis=-1)[..., :k]
-    f = np.zeros_like(pre)
-    np.put_along_axis(f, idx, np.maximum(np.take_along_axis(pre, idx, axis=-1), 0), axis=-1)
-    return f
-
-
-def saelens_decode(params, cfg, f) -> np.ndarray:
-    """SAELens StandardSAE/TopKSAE .decode in numpy (f [..., d_sae] -> x_hat [..., d_in])."""
-    _check_supported(cfg)
-    f = np.asarray(f, np.float32)
-    norms = _rescale(params, cfg)
-    if norms is not None:
-        f = f / norms
-    return f @ params["W_dec"] + params["b_dec"]
+    run = load_params(run_dir)
+    family = get_family(run.cfg.sae.arch)
+    if family.saelens_architecture is None:
+        raise ValueError(f"sae.arch={family.name} has no SAELens architecture to export as")
+    lm_path, site = provenance(run.cfg)
+    return export_saelens(
+        out_dir, jax.device_get(run.params), architecture=family.saelens_architecture,
+        options=family.saelens_options(run.cfg.sae), input_scale=run.input_scale,
+        overwrite=overwrite,
+        metadata={"saejax_run": str(Path(run_dir).resolve()), "saejax_step": run.step,
+                  "dataset_path": _dataset_path(run.cfg), "model_name": lm_path or None,
+                  "hook_name": site or None},
+    )

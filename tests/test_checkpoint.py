@@ -153,7 +153,7 @@ def test_fingerprint_independent_of_sharding_and_sensitive_to_order():
     w = a.params["W_enc"]
     swapped = a.replace(params={**a.params, "W_enc": w[:, ::-1]})  # same values, other order
     changed = fingerprint(swapped)
-    assert changed[".params['W_enc']"][0] == fingerprint(a)[".params['W_enc']"][0]
+    assert changed["params/W_enc"][0] == fingerprint(a)["params/W_enc"][0]
     assert changed != fingerprint(a)
 
 

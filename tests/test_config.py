@@ -5,11 +5,12 @@ from saejax.config import Config, ConfigError, load_config, resample_steps, vali
 
 def test_defaults_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("sae:\n  n_features: 1024\n  l1_coefficient: 1e-3\ntrain:\n  steps: 10\n")
+    path.write_text("sae:\n  n_features: 1024\n  relu:\n    l1_coefficient: 1e-3\n"
+                    "train:\n  steps: 10\n")
     cfg = load_config(path, ["sae.n_features=4096", "optim.lr=3e-4",
                              "resample.at_fractions=[0.25, 0.5]"])
     assert cfg.sae.n_features == 4096
-    assert cfg.sae.l1_coefficient == pytest.approx(1e-3)  # YAML "1e-3" is a string in YAML 1.1
+    assert cfg.sae.relu.l1_coefficient == pytest.approx(1e-3)  # YAML "1e-3" is a string in YAML 1.1
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.train.steps == 10
     assert resample_steps(cfg) == [2, 5]
@@ -20,6 +21,9 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("sae.n_features=abc", "sae.n_features"),
     ("sae.n_features=1.5", "sae.n_features"),
     ("sae.arch=gated", "sae.arch"),
+    ("sae.l1_coefficient=1e-3", "sae.l1_coefficient"),  # a family's field, outside its section
+    ("sae.topk.k=abc", "sae.topk.k"),
+    ("sae.relu.l1_coefficient=-1", "sae.relu.l1_coefficient"),
     ("train.progress=3", "train.progress"),
     ("resample.steps=[1, x]", "resample.steps[1]"),
     ("nosection.x=1", "nosection"),
@@ -51,10 +55,12 @@ def test_impossible_mesh_combinations():
 
 
 def test_topk_checks():
-    with pytest.raises(ConfigError, match="sae.k=600"):
-        load_config(None, ["sae.arch=topk", "sae.k=600", "sae.n_features=512"])
-    with pytest.raises(ConfigError, match="decoder_norm"):
-        load_config(None, ["sae.arch=topk", "sae.decoder_norm=l1_weighted"])
+    with pytest.raises(ConfigError, match=r"sae.topk.k=600 must be in \[1, sae.n_features=512\]"):
+        load_config(None, ["sae.arch=topk", "sae.topk.k=600", "sae.n_features=512"])
+    with pytest.raises(ConfigError, match="unknown config key sae.topk.decoder_norm"):
+        load_config(None, ["sae.arch=topk", "sae.topk.decoder_norm=l1_weighted"])
+    # another family's section is checked only when that family is chosen
+    load_config(None, ["sae.arch=relu", "sae.topk.k=600", "sae.n_features=512"])
 
 
 def test_cli_reports_config_errors(capsys):
@@ -70,7 +76,7 @@ def test_readme_config_reference_is_current():
     from pathlib import Path
     from saejax.config import config_reference
 
-    from saejax.lm.train import LMTrainConfig
+    from saejax.train.lm import LMTrainConfig
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert config_reference() in readme

@@ -5,6 +5,7 @@ contexts at once, with cross-entropy and KL computed in float64 numpy: independe
 batched, summed pass under test.
 """
 
+import dataclasses
 import json
 import shutil
 
@@ -15,6 +16,7 @@ import pytest
 from saejax.eval.run import evaluate, format_table, resolve_lm
 from saejax.eval.splice import splice_pass, summarize
 from saejax.eval.trained import TrainedSAE, load_sae
+from saejax.sae.config import SAEConfig
 
 MLP_SITE = "blocks.0.mlp.hook_post"
 RESID_SITE = "blocks.0.hook_resid_pre"
@@ -39,8 +41,10 @@ def world(tiny_world):
 
 
 def _sae(params, site, name):
-    return TrainedSAE({k: jnp.asarray(v, jnp.float32) for k, v in params.items()}, "relu", None,
-                      site, "", name, source=f"<{name}>")
+    d, n = np.shape(params["W_enc"])
+    return TrainedSAE({k: jnp.asarray(v, jnp.float32) for k, v in params.items()},
+                      SAEConfig(arch="relu", d_in=d, n_features=n), site, "", name,
+                      source=f"<{name}>")
 
 
 def identity_sae(site, d):
@@ -89,7 +93,8 @@ def reference(lm, tokens, ids, sae, everywhere=False):
     mean_loss, mean_kl = spliced(jnp.broadcast_to(mean, x.shape))
     f = np.asarray(sae.encode(sae.params, jnp.asarray(x)))[mask]
     x_hat = np.asarray(sae.decode(sae.params, jnp.asarray(f)))
-    loss, kl = spliced(sae.reconstruct(sae.params, jnp.asarray(x)))
+    x_j = jnp.asarray(x)
+    loss, kl = spliced(sae.decode(sae.params, sae.encode(sae.params, x_j)).astype(x_j.dtype))
     xm = x[mask]
     return {
         "clean": clean, "loss": loss, "kl": kl,
@@ -236,5 +241,5 @@ def test_errors(tiny_world, tmp_path, world):
 
 def test_resolve_lm_same_directory_spelled_differently(tiny_world):
     sae = load_sae(tiny_world.sae_export)
-    twin = TrainedSAE(sae.params, sae.arch, None, sae.site, str(tiny_world.lm) + "/.", "twin")
+    twin = dataclasses.replace(sae, lm_path=str(tiny_world.lm) + "/.", name="twin")
     assert resolve_lm([sae, twin]) == sae.lm_path

@@ -5,16 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from saejax.export import (
-    CFG_FILENAME,
-    WEIGHTS_FILENAME,
-    export_saelens,
-    load_saelens,
-    saelens_decode,
-    saelens_encode,
-)
+from saejax.export import CFG_FILENAME, WEIGHTS_FILENAME, export_saelens, load_saelens
+from saelens_numpy import saelens_decode, saelens_encode
 
 D_IN, D_SAE, K, SCALE = 16, 48, 5, 3.7
+
+
+def topk(k):
+    """The topk family's SAELens options (`Family.saelens_options`)."""
+    return {"k": k, "rescale_acts_by_decoder_norm": False}
 
 
 def random_params(seed=0, d_in=D_IN, d_sae=D_SAE):
@@ -44,7 +43,8 @@ def reference(params, x, architecture, k, s):
 def test_round_trip_matches_scaled_original(tmp_path, architecture, k):
     params = random_params()
     x = np.random.default_rng(1).normal(size=(32, D_IN)) / SCALE  # raw units
-    out = export_saelens(tmp_path / "sae", params, architecture=architecture, k=k,
+    out = export_saelens(tmp_path / "sae", params, architecture=architecture,
+                         options=topk(k) if k else None,
                          input_scale=SCALE, metadata={"model_name": "gpt2"})
     loaded, cfg = load_saelens(out)
     f = saelens_encode(loaded, cfg, x)
@@ -71,7 +71,7 @@ def test_exactly_two_files_and_no_temp_left(tmp_path):
 def test_cfg_json_fields(tmp_path):
     meta = {"model_name": "gpt2", "hook_name": "blocks.6.hook_resid_post", "context_size": 128,
             "dataset": "org/tokens", "saejax_step": 1000}
-    out = export_saelens(tmp_path / "sae", random_params(), architecture="topk", k=K,
+    out = export_saelens(tmp_path / "sae", random_params(), architecture="topk", options=topk(K),
                          input_scale=SCALE, metadata=meta)
     cfg = json.loads((out / CFG_FILENAME).read_text())
     # SAELens 6 SAEConfig / TopKSAEConfig fields
@@ -119,9 +119,9 @@ def test_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="k"):
         export_saelens(tmp_path / "a", p, architecture="topk")
     with pytest.raises(ValueError, match="k"):
-        export_saelens(tmp_path / "a", p, architecture="topk", k=D_SAE + 1)
-    with pytest.raises(ValueError, match="k is only"):
-        export_saelens(tmp_path / "a", p, architecture="standard", k=3)
+        export_saelens(tmp_path / "a", p, architecture="topk", options=topk(D_SAE + 1))
+    with pytest.raises(ValueError, match=r"\['k'\] are not options of architecture 'standard'"):
+        export_saelens(tmp_path / "a", p, architecture="standard", options={"k": 3})
     with pytest.raises(ValueError, match="architecture"):
         export_saelens(tmp_path / "a", p, architecture="jumprelu")
     with pytest.raises(ValueError, match="input_scale"):
@@ -135,7 +135,7 @@ def test_existing_dir_needs_overwrite(tmp_path):
     out = export_saelens(tmp_path / "sae", random_params(0), architecture="standard")
     with pytest.raises(FileExistsError):
         export_saelens(out, random_params(1), architecture="standard")
-    export_saelens(out, random_params(1), architecture="topk", k=K, overwrite=True)
+    export_saelens(out, random_params(1), architecture="topk", options=topk(K), overwrite=True)
     params, cfg = load_saelens(out)
     assert cfg["architecture"] == "topk"
     np.testing.assert_array_equal(params["b_enc"], random_params(1)["b_enc"])
@@ -162,7 +162,7 @@ def test_load_errors(tmp_path):
 
 def test_load_old_flat_cfg(tmp_path):
     """A SAELens < 6 flat cfg (k inside activation_fn_kwargs) still loads and encodes."""
-    out = export_saelens(tmp_path / "sae", random_params(), architecture="topk", k=K)
+    out = export_saelens(tmp_path / "sae", random_params(), architecture="topk", options=topk(K))
     old = {"architecture": "topk", "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32",
            "hook_point": "blocks.0.hook_resid_pre", "activation_fn_str": "topk",
            "activation_fn_kwargs": {"k": K}, "normalize_activations": False,
@@ -179,7 +179,8 @@ def test_load_old_flat_cfg(tmp_path):
 def test_loads_in_saelens_itself(tmp_path, architecture, k):
     sae_lens = pytest.importorskip("sae_lens")
     torch = pytest.importorskip("torch")
-    out = export_saelens(tmp_path / "sae", random_params(), architecture=architecture, k=k,
+    out = export_saelens(tmp_path / "sae", random_params(), architecture=architecture,
+                         options=topk(k) if k else None,
                          input_scale=SCALE)
     sae = sae_lens.SAE.load_from_disk(str(out))
     params, cfg = load_saelens(out)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from saejax.config import Config
@@ -17,7 +18,7 @@ DEAD[[1, 5, 6, 12]] = True
 def _contract(model_axis=2):
     cfg = Config()
     cfg.sae.d_in, cfg.sae.n_features = D, F
-    cfg.sae.l1_coefficient = 0.0
+    cfg.sae.relu.l1_coefficient = 0.0
     cfg.resample.window_steps = WINDOW
     cfg.mesh.data, cfg.mesh.model = 8 // model_axis, model_axis
     return StepContract.build(cfg, make_mesh(cfg.mesh))
@@ -31,13 +32,13 @@ def _crafted_state(contract):
     enc_norms = rng.uniform(0.5, 2.0, F).astype(np.float32)
     w_enc = rng.normal(size=(D, F)).astype(np.float32)
     w_enc *= enc_norms / np.linalg.norm(w_enc, axis=0)
-    ones = lambda t: jax.tree.map(jnp.ones_like, t)
-    adam, sched = state.opt_state
+    ones = optax.tree_map_params(contract.tx, jnp.ones_like, state.opt_state,
+                                 transform_non_params=lambda v: v)
     state = state.replace(
         step=jnp.asarray(STEP, jnp.int32),
         params={**state.params, "W_enc": jnp.asarray(w_enc),
                 "b_enc": jnp.full((F,), 0.3, jnp.float32)},
-        opt_state=(adam._replace(mu=ones(adam.mu), nu=ones(adam.nu)), sched),
+        opt_state=ones,
         last_fired=jnp.asarray(np.where(DEAD, STEP - WINDOW, STEP - WINDOW + 1), jnp.int32),
     )
     return jax.device_put(state, contract.state_shardings), enc_norms
@@ -74,7 +75,7 @@ def test_each_rule(model_axis):
     np.testing.assert_array_equal(p["W_dec"][~DEAD], p0["W_dec"][~DEAD])
     np.testing.assert_array_equal(p["b_dec"], p0["b_dec"])
     # Adam moments of modified entries reset, others kept
-    adam = new.opt_state[0]
+    adam = new.opt_state.inner_state[0]
     for moments in (adam.mu, adam.nu):
         np.testing.assert_array_equal(moments["W_enc"][:, DEAD], 0.0)
         np.testing.assert_array_equal(moments["W_dec"][DEAD], 0.0)
@@ -92,7 +93,7 @@ def test_sampling_is_proportional_to_squared_loss():
     """Two candidates with per-input losses 0.5 and 1.0: ∝ loss² gives the second 0.8 of the
     draws (∝ loss would give 2/3)."""
     cfg = Config()
-    cfg.sae.d_in, cfg.sae.n_features, cfg.sae.l1_coefficient = 2, 20_000, 0.0
+    cfg.sae.d_in, cfg.sae.n_features, cfg.sae.relu.l1_coefficient = 2, 20_000, 0.0
     cfg.resample.window_steps = 1
     cfg.mesh.data, cfg.mesh.model = 2, 4
     contract = StepContract.build(cfg, make_mesh(cfg.mesh))

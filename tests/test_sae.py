@@ -6,10 +6,22 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from saejax.config import SAEConfig
-from saejax.sae import LossContext, make_sae
+from saejax.sae import LossContext, get_family, make_sae
+from saejax.sae.config import ReluConfig, SAEConfig, TopKConfig
 from saejax.sae.decoder_norm import remove_parallel, unit_rows
 from saejax.sae.init import geometric_median, input_scale
+
+
+def relu_ctx(lam, warmup=0, step=0):
+    return LossContext(step, {"l1_coefficient": jnp.float32(lam),
+                              "l1_warmup_steps": jnp.float32(warmup)})
+
+
+def topk_ctx(dead, aux_coefficient=1 / 32):
+    """Latents in `dead` have not fired for 1 step, with a window of 1 step (1 token)."""
+    return LossContext(0, {"aux_coefficient": jnp.float32(aux_coefficient),
+                           "dead_tokens_aux": jnp.float32(1)},
+                       steps_since_fired=jnp.where(jnp.asarray(dead), 1, 0))
 
 
 def _params(sae):
@@ -25,7 +37,7 @@ def _randomize(sae, seed=0):
 
 
 def test_relu_forward_and_loss_match_the_paper():
-    cfg = SAEConfig(arch="relu", d_in=16, n_features=64, l1_coefficient=0.004)
+    cfg = SAEConfig(arch="relu", d_in=16, n_features=64, relu=ReluConfig(l1_coefficient=0.004))
     sae = _randomize(make_sae(cfg, seed=1))
     p = _params(sae)
     x = np.random.default_rng(2).normal(size=(32, 16)).astype(np.float32)
@@ -33,7 +45,7 @@ def test_relu_forward_and_loss_match_the_paper():
     x_hat = f @ p["W_dec"] + p["b_dec"]
     np.testing.assert_allclose(sae.encode(x), f, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sae.decode(jnp.asarray(f)), x_hat, rtol=1e-5, atol=1e-5)
-    loss, aux = sae.loss(jnp.asarray(x), LossContext(l1_coefficient=0.004))
+    loss, aux = sae.loss(jnp.asarray(x), relu_ctx(0.004))
     expected = np.mean((x_hat - x) ** 2) + 0.004 * np.abs(f).sum(1).mean()
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     np.testing.assert_allclose(aux["l0"], (f > 0).sum(1).mean(), rtol=1e-6)
@@ -43,14 +55,14 @@ def test_relu_forward_and_loss_match_the_paper():
 
 
 def test_l1_weighted_by_decoder_norm():
-    cfg = SAEConfig(arch="relu", d_in=8, n_features=32, decoder_norm="l1_weighted",
-                    init_enc_from_dec=True)
+    cfg = SAEConfig(arch="relu", d_in=8, n_features=32,
+                    relu=ReluConfig(decoder_norm="l1_weighted", init_enc_from_dec=True))
     sae = make_sae(cfg, seed=0)
     sae.W_dec[...] = sae.W_dec[...] * jnp.linspace(0.1, 3.0, 32)[:, None]
     p = _params(sae)
     np.testing.assert_allclose(p["W_enc"], np.asarray(make_sae(cfg, seed=0).W_dec[...]).T)
     x = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
-    _, aux = sae.loss(jnp.asarray(x), LossContext(l1_coefficient=1.0))
+    _, aux = sae.loss(jnp.asarray(x), relu_ctx(1.0))
     f = np.maximum((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"], 0)
     weighted = (f * np.linalg.norm(p["W_dec"], axis=1)).sum(1).mean()
     np.testing.assert_allclose(aux["l1"], weighted, rtol=1e-5)
@@ -98,7 +110,7 @@ def test_input_scale_gives_mean_squared_norm_d():
 
 
 def test_topk_forward_and_auxk():
-    cfg = SAEConfig(arch="topk", d_in=8, n_features=64, k=4, k_aux=8)
+    cfg = SAEConfig(arch="topk", d_in=8, n_features=64, topk=TopKConfig(k=4, k_aux=8))
     sae = _randomize(make_sae(cfg, seed=3))
     p = _params(sae)
     np.testing.assert_array_equal(p["W_enc"], p["W_dec"].T)  # W_enc = W_decᵀ at init
@@ -111,13 +123,13 @@ def test_topk_forward_and_auxk():
 
     x_hat = f @ p["W_dec"] + p["b_dec"]
     no_dead = jnp.zeros(64, bool)
-    loss, aux = sae.loss(jnp.asarray(x), LossContext(dead=no_dead))
+    loss, aux = sae.loss(jnp.asarray(x), topk_ctx(no_dead))
     np.testing.assert_allclose(loss, np.mean((x_hat - x) ** 2), rtol=1e-5)
     assert float(aux["aux_loss"]) == 0.0
 
     dead = np.zeros(64, bool)
     dead[::2] = True  # 32 dead latents; AuxK uses the top 8 of them
-    loss, aux = sae.loss(jnp.asarray(x), LossContext(dead=jnp.asarray(dead)))
+    loss, aux = sae.loss(jnp.asarray(x), topk_ctx(dead))
     masked = np.where(dead, pre, -np.inf)
     kth_aux = np.sort(masked, axis=1)[:, -8][:, None]
     z_aux = np.where((masked >= kth_aux) & dead, np.maximum(pre, 0), 0)
@@ -128,7 +140,7 @@ def test_topk_forward_and_auxk():
 
 
 def test_topk_aux_gradient_reaches_only_dead_latents():
-    cfg = SAEConfig(arch="topk", d_in=8, n_features=32, k=2, k_aux=4)
+    cfg = SAEConfig(arch="topk", d_in=8, n_features=32, topk=TopKConfig(k=2, k_aux=4))
     sae = make_sae(cfg, seed=0)
     graphdef, state = nnx.split(sae)
     params = nnx.to_pure_dict(state)
@@ -137,7 +149,7 @@ def test_topk_aux_gradient_reaches_only_dead_latents():
 
     def aux_only(p):
         m = nnx.merge(graphdef, p)
-        return m.loss(x, LossContext(dead=dead))[1]["aux_loss"]
+        return m.loss(x, topk_ctx(dead))[1]["aux_loss"]
 
     g = jax.grad(aux_only)(params)
     assert np.abs(np.asarray(g["W_enc"])[:, :16]).max() == 0.0
@@ -148,11 +160,13 @@ def test_topk_aux_gradient_reaches_only_dead_latents():
 def test_gradients_equal_the_plain_formula(arch):
     """pre_activations routes b_dec's encoder gradient through a matvec (no sixth matmul); the
     gradients of every parameter must equal autodiff of the plain (x - b_dec) @ W_enc + b_enc."""
-    cfg = SAEConfig(arch=arch, d_in=16, n_features=64, l1_coefficient=0.01, k=8, k_aux=8)
+    cfg = SAEConfig(arch=arch, d_in=16, n_features=64, relu=ReluConfig(l1_coefficient=0.01),
+                    topk=TopKConfig(k=8, k_aux=8))
     sae = _randomize(make_sae(cfg, seed=3))
     graphdef, params = nnx.split(sae)
     x = jnp.asarray(np.random.default_rng(4).normal(size=(32, 16)), jnp.float32)
-    ctx = LossContext(l1_coefficient=0.01, dead=jnp.arange(64) % 3 == 0)
+    ctx = LossContext(0, {k: jnp.float32(v) for k, v in get_family(arch).hparams(cfg).items()},
+                      steps_since_fired=jnp.where(jnp.arange(64) % 3 == 0, 10**8, 0))
 
     def loss(params, plain):
         m = nnx.merge(graphdef, params)
@@ -164,3 +178,24 @@ def test_gradients_equal_the_plain_formula(arch):
     for k in plain:
         np.testing.assert_allclose(fast[k], plain[k], rtol=1e-5, atol=1e-6, err_msg=k)
     assert np.abs(plain["b_dec"]).max() > 1e-3  # the bias gradient is exercised
+
+
+def test_l1_warmup_ramps_lambda_from_the_hparams():
+    """λ_t = λ·min(1, (t+1)/w) with w carried as data; w = 0 is no warm-up."""
+    cfg = SAEConfig(arch="relu", d_in=8, n_features=16)
+    sae = make_sae(cfg, seed=0)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8)), jnp.float32)
+    mse = float(sae.loss(x, relu_ctx(0.0))[1]["mse"])
+    l1 = float(sae.loss(x, relu_ctx(0.0))[1]["l1"])
+    for warm, step, factor in [(0, 0, 1.0), (10, 0, 0.1), (10, 4, 0.5), (10, 50, 1.0)]:
+        loss = float(sae.loss(x, relu_ctx(2.0, warm, step))[0])
+        np.testing.assert_allclose(loss, mse + 2.0 * factor * l1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_fired_is_the_modules_method(arch):
+    """Firing is asked of the family's module (a family may override it)."""
+    cfg = SAEConfig(arch=arch, d_in=8, n_features=16, topk=TopKConfig(k=2, k_aux=2))
+    sae = make_sae(cfg, seed=0)
+    f = jnp.asarray([[0.0, 1.0, -1.0]])
+    np.testing.assert_array_equal(sae.fired(f), [[False, True, False]])

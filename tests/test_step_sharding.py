@@ -15,8 +15,8 @@ STEPS, RESAMPLE_AT = 30, 15
 def _cfg(arch):
     cfg = Config()
     cfg.sae.arch, cfg.sae.d_in, cfg.sae.n_features = arch, 16, 64
-    cfg.sae.l1_coefficient = 0.3  # with lr 0.03: 6 features die before step 15
-    cfg.sae.k, cfg.sae.k_aux, cfg.sae.dead_tokens_aux = 4, 16, 64 * 3
+    cfg.sae.relu.l1_coefficient = 0.3  # with lr 0.03: 6 features die before step 15
+    cfg.sae.topk.k, cfg.sae.topk.k_aux, cfg.sae.topk.dead_tokens_aux = 4, 16, 64 * 3
     cfg.train.batch_size, cfg.train.steps, cfg.train.log_every = 64, STEPS, 10
     cfg.optim.lr = 3e-2
     cfg.resample.window_steps = 5

@@ -67,7 +67,7 @@ def _train_sae(world_root: Path, store: Path, name: str, n_features: int, seed: 
     run = world_root / name
     cfg = load_config(None, [
         "data.source=store", f"data.store_path={store}", f"data.site={SITE}",
-        f"sae.d_in={D_MLP}", f"sae.n_features={n_features}", "sae.l1_coefficient=1e-3",
+        f"sae.d_in={D_MLP}", f"sae.n_features={n_features}", "sae.relu.l1_coefficient=1e-3",
         "train.steps=60", "train.batch_size=128", "train.log_every=30",
         f"train.run_dir={run}", f"train.seed={seed}", "train.progress=false",
         "resample.enabled=false"])
@@ -76,7 +76,7 @@ def _train_sae(world_root: Path, store: Path, name: str, n_features: int, seed: 
 
 
 def build(root: Path) -> TinyWorld:
-    from saejax.export_run import export_run
+    from saejax.export import export_run
     from saejax.data.harvest import harvest
     from saejax.lm.gpt2 import config_from_hf
     from saejax.lm.model import init_lm

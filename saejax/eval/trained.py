@@ -1,9 +1,11 @@
 """A trained SAE, from a run directory or a SAELens folder, as one object for evaluation.
 
 Evaluation and analysis work on raw activations of the LM site, whatever the SAE trained on:
-a run's input scale is folded into its parameters (`saejax.export.fold_input_scale`), exactly as
-the SAELens export does, so a run and its export give the same features. Encoding and decoding
-go through the family's own module (`saejax.sae`), so there is one copy of the SAE math.
+a run's input scale is folded into its parameters (the family's `fold_input_scale`), exactly as
+the SAELens export does, so a run and its export give the same features. Encoding, decoding and
+firing go through the family's own module (`saejax.sae`), so there is one copy of the SAE math.
+Only parameters are read, laid out over all local devices with the features sharded (or on the
+mesh given), never the optimizer state.
 
     sae = load_sae("runs/sae")                  # or an exported folder
     f = sae.encode(sae.params, x)               # jnp, jit-friendly: params are an argument
@@ -18,12 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from saejax.config import Config, SAEConfig
-from saejax.export import CFG_FILENAME, fold_input_scale, load_saelens
-
-# SAELens architecture names <-> saejax families.
-FAMILY_OF_ARCHITECTURE = {"standard": "relu", "topk": "topk"}
+from saejax import sharding
+from saejax.config import from_dict
+from saejax.export import CFG_FILENAME, load_saelens
+from saejax.runs import inference_mesh, load_params, provenance
+from saejax.sae import family_for_saelens, get_family
+from saejax.sae.config import SAEConfig
 
 
 @dataclass
@@ -31,11 +35,9 @@ class TrainedSAE:
     """Parameters for raw site activations plus where they came from."""
 
     params: dict[str, jax.Array]
-    """W_enc [d_in, F], b_enc [F], W_dec [F, d_in], b_dec [d_in] (SAELens layout), float32."""
-    arch: str
-    """saejax family: "relu" or "topk"."""
-    k: int | None
-    """topk: active latents per token."""
+    """The family's parameters (SAELens layout), float32, for raw activations."""
+    cfg: SAEConfig
+    """The SAE's config: family (`arch`), sizes and the family's options."""
     site: str
     """Hook site the SAE reads (e.g. blocks.0.mlp.hook_post); "" when unknown."""
     lm_path: str
@@ -47,20 +49,26 @@ class TrainedSAE:
     _graphdef: object = field(default=None, repr=False)
 
     @property
+    def arch(self) -> str:
+        return self.cfg.arch
+
+    @property
+    def k(self) -> int | None:
+        """topk: active latents per token (None for other families)."""
+        return self.cfg.topk.k if self.cfg.arch == "topk" else None
+
+    @property
     def d_in(self) -> int:
-        return int(self.params["W_enc"].shape[0])
+        return self.cfg.d_in
 
     @property
     def n_features(self) -> int:
-        return int(self.params["W_enc"].shape[1])
+        return self.cfg.n_features
 
     def _module(self, params):
         if self._graphdef is None:
-            cfg = SAEConfig(arch=self.arch, d_in=self.d_in, n_features=self.n_features,
-                            k=self.k or 1)
-            from saejax.sae import make_sae  # noqa: PLC0415 (keeps this module light to import)
-
-            self._graphdef = nnx.split(nnx.eval_shape(lambda: make_sae(cfg)))[0]
+            family = get_family(self.cfg.arch)
+            self._graphdef = nnx.split(nnx.eval_shape(lambda: family.make(self.cfg)))[0]
         return nnx.merge(self._graphdef, params)
 
     def encode(self, params: dict, x: jax.Array) -> jax.Array:
@@ -72,52 +80,55 @@ class TrainedSAE:
     def decode(self, params: dict, f: jax.Array) -> jax.Array:
         return self._module(params).decode(f)
 
-    def reconstruct(self, params: dict, x: jax.Array) -> jax.Array:
-        return self.decode(params, self.encode(params, x)).astype(x.dtype)
+    def fired(self, params: dict, f: jax.Array) -> jax.Array:
+        """bool [..., F]: where features fire, by the family's rule."""
+        return self._module(params).fired(f)
 
 
-def _jnp(params: dict) -> dict:
-    return {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in params.items()}
+def _place(params: dict, arch: str, mesh: Mesh) -> dict:
+    """float32 params laid out on `mesh` by the family's logical axes."""
+    axes = get_family(arch).param_axes
+    return {k: jax.device_put(np.asarray(v, np.float32), sharding.named(mesh, axes[k]))
+            for k, v in params.items()}
 
 
-def run_provenance(cfg: Config) -> tuple[str, str]:
-    """(lm_path, site) a run's activations came from, read from its config or its store."""
-    data = cfg.data
-    if data.source == "lm":
-        return data.lm_path, data.site
-    if data.source == "store":
-        from saejax.data.store import read_store_manifest  # noqa: PLC0415
-
-        m = read_store_manifest(data.store_path)
-        sites = list(m["sites"])
-        return str(m["provenance"].get("model", "")), data.site or (sites[0] if sites else "")
-    return "", ""
+def _from_run(path: Path, mesh: Mesh | None) -> TrainedSAE:
+    run = load_params(path, mesh)
+    family = get_family(run.cfg.sae.arch)
+    scale = run.input_scale
+    params = run.params if scale == 1.0 else jax.jit(
+        lambda p: family.fold_input_scale(p, scale))(run.params)
+    lm_path, site = provenance(run.cfg)
+    return TrainedSAE(params, run.cfg.sae, site, lm_path, path.name, str(path))
 
 
-def load_sae(path: str | Path) -> TrainedSAE:
-    """A run directory (config.yaml + checkpoints/) or a SAELens folder (cfg.json + weights)."""
+def _from_saelens(path: Path, mesh: Mesh | None) -> TrainedSAE:
+    params, cfg_json = load_saelens(path)
+    where = path / CFG_FILENAME
+    family = family_for_saelens(cfg_json["architecture"])
+    if cfg_json.get("normalize_activations", "none") != "none":
+        raise ValueError(f"{where}: normalize_activations="
+                         f"{cfg_json['normalize_activations']!r} is not supported")
+    try:
+        options = family.from_saelens(cfg_json)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    cfg = from_dict(SAEConfig, {"arch": family.name, "d_in": int(cfg_json["d_in"]),
+                                "n_features": int(cfg_json["d_sae"]), **options})
+    mesh = inference_mesh(cfg.n_features) if mesh is None else mesh
+    meta = cfg_json.get("metadata") or {}
+    return TrainedSAE(_place(params, family.name, mesh), cfg, meta.get("hook_name") or "",
+                      meta.get("model_name") or "", path.name, str(path))
+
+
+def load_sae(path: str | Path, mesh: Mesh | None = None) -> TrainedSAE:
+    """A run directory (config.yaml + checkpoints/) or a SAELens folder (cfg.json + weights),
+    its parameters laid out on `mesh` (default: all local devices, features sharded)."""
     path = Path(path)
     if (path / "config.yaml").is_file():
-        from saejax.export_run import load_run  # noqa: PLC0415 (pulls in the training stack)
-
-        cfg, _, params, scale = load_run(path)
-        lm_path, site = run_provenance(cfg)
-        return TrainedSAE(_jnp(fold_input_scale(params, scale)), cfg.sae.arch,
-                          cfg.sae.k if cfg.sae.arch == "topk" else None, site, lm_path,
-                          path.name, str(path))
+        return _from_run(path, mesh)
     if (path / CFG_FILENAME).is_file():
-        params, cfg = load_saelens(path)
-        arch = FAMILY_OF_ARCHITECTURE.get(cfg["architecture"])
-        if arch is None:
-            raise ValueError(f"{path / CFG_FILENAME}: architecture {cfg['architecture']!r} is not "
-                             f"one of {sorted(FAMILY_OF_ARCHITECTURE)}")
-        if cfg.get("normalize_activations", "none") != "none" or (
-                arch == "topk" and cfg.get("rescale_acts_by_decoder_norm")):
-            raise ValueError(f"{path / CFG_FILENAME}: normalize_activations / "
-                             "rescale_acts_by_decoder_norm are not supported")
-        meta = cfg.get("metadata") or {}
-        return TrainedSAE(_jnp(params), arch, cfg.get("k") if arch == "topk" else None,
-                          meta.get("hook_name") or "", meta.get("model_name") or "",
-                          path.name, str(path))
+        return _from_saelens(path, mesh)
     raise FileNotFoundError(f"{path} is neither a saejax run directory (config.yaml) nor a "
                             f"SAELens folder ({CFG_FILENAME})")
+

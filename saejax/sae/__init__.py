@@ -1,17 +1,21 @@
-"""SAE families behind one interface (`saejax.sae.base.SAE`)."""
+"""SAE families, each one record (`saejax.sae.family.Family`), registered by name."""
 
-from flax import nnx
+from saejax.sae import relu, topk
+from saejax.sae.base import SAE, LossContext
+from saejax.sae.config import SAEConfig
+from saejax.sae.family import (FAMILIES, Family, family_for_saelens, get_family, register,
+                               resample_standard)
 
-from saejax.config import SAEConfig
-from saejax.sae.base import AXES, SAE, LossContext
-from saejax.sae.relu import ReluSAE
-from saejax.sae.topk import TopKSAE
-
-FAMILIES: dict[str, type[SAE]] = {"relu": ReluSAE, "topk": TopKSAE}
+register(Family("relu", relu.ReluSAE, hparams=relu.hparams, resample=resample_standard,
+                saelens_architecture="standard"))
+register(Family("topk", topk.TopKSAE, hparams=topk.hparams, saelens_architecture="topk",
+                saelens_options=topk.saelens_options, from_saelens=topk.from_saelens,
+                check=topk.check))
 
 
 def make_sae(cfg: SAEConfig, seed: int = 0) -> SAE:
-    return FAMILIES[cfg.arch](cfg, rngs=nnx.Rngs(params=seed))
+    return get_family(cfg.arch).make(cfg, seed)
 
 
-__all__ = ["AXES", "FAMILIES", "LossContext", "SAE", "make_sae"]
+__all__ = ["FAMILIES", "Family", "LossContext", "SAE", "SAEConfig", "family_for_saelens",
+           "get_family", "make_sae", "register"]

@@ -1,45 +1,40 @@
-"""The small interface every SAE family implements, and the parameters they share.
+"""The module interface every SAE family implements, and the parameters most of them share.
 
 An SAE holds W_enc [d_in, F], b_enc [F], W_dec [F, d_in], b_dec [d_in] (SAELens layout: row i
 of W_dec is feature i's decoder direction, the paper's "decoder column"). Families differ in
-`encode` and `loss`; decoding, "fired" and decoder-norm handling are shared.
+`encode` and `loss`; a family with other parameters declares them in its own `AXES`.
 
 All methods are pure functions of the parameters, so the train step can `nnx.merge` the module
-from a plain dict inside `jax.jit` (and, later, under `jax.vmap` over a leading "which SAE" axis).
+from a plain dict inside `jax.jit` (and under `jax.vmap` over a leading "which SAE" axis).
+Per-step scalars (λ, its warm-up, the AuxK weight) arrive as arrays in `LossContext.hparams`, so
+one compiled step serves many settings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from saejax.config import SAEConfig
 from saejax.sae import decoder_norm
-
-# Logical axis names of each parameter; saejax.sharding maps them to mesh axes.
-AXES = {
-    "W_enc": ("d_in", "d_sae"),
-    "b_enc": ("d_sae",),
-    "W_dec": ("d_sae", "d_in"),
-    "b_dec": ("d_in",),
-}
+from saejax.sae.config import SAEConfig
 
 
 @dataclass(frozen=True)
 class LossContext:
     """Per-step inputs to the loss that are not parameters or data."""
 
-    l1_coefficient: jax.Array | float = 0.0
-    """Current λ (after warm-up) for L1-penalised families."""
-    dead: jax.Array | None = None
-    """[F] bool: latents that count as dead (used by TopK's AuxK loss)."""
-
-
-def _param(value: jax.Array, name: str) -> nnx.Param:
-    return nnx.Param(value, out_sharding=AXES[name], eager_sharding=False)
+    step: jax.Array | int = 0
+    """int32: optimizer steps completed before this one."""
+    hparams: dict = field(default_factory=dict)
+    """Scalars of `Family.hparams` (e.g. "l1_coefficient"), as arrays."""
+    steps_since_fired: jax.Array | None = None
+    """int32 [F]: steps since each latent last fired (None: no record, e.g. outside training)."""
+    state: dict = field(default_factory=dict)
+    """The family's non-parameter state (`Family.init_state`), as carried across steps."""
 
 
 def random_directions(key: jax.Array, n: int, d: int) -> jax.Array:
@@ -49,8 +44,15 @@ def random_directions(key: jax.Array, n: int, d: int) -> jax.Array:
 
 
 class SAE(nnx.Module):
-    """Base class: parameters, decoding and the metrics every family reports."""
+    """Base class: the shared parameters, decoding, firing and decoder-norm handling."""
 
+    AXES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "W_enc": ("d_in", "d_sae"),
+        "b_enc": ("d_sae",),
+        "W_dec": ("d_sae", "d_in"),
+        "b_dec": ("d_in",),
+    }
+    """Logical axis names of each parameter; saejax.sharding maps them to mesh axes."""
     unit_norm_decoder: bool = True
 
     def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs, enc_from_dec: bool):
@@ -61,11 +63,14 @@ class SAE(nnx.Module):
         else:  # Kaiming-uniform, as nn.Linear
             bound = 1.0 / jnp.sqrt(d)
             w_enc = jax.random.uniform(rngs.params(), (d, n), jnp.float32, -bound, bound)
-        self.W_enc = _param(w_enc, "W_enc")
-        self.b_enc = _param(jnp.zeros((n,), jnp.float32), "b_enc")
-        self.W_dec = _param(w_dec, "W_dec")
-        self.b_dec = _param(jnp.zeros((d,), jnp.float32), "b_dec")
+        self.W_enc = self.param("W_enc", w_enc)
+        self.b_enc = self.param("b_enc", jnp.zeros((n,), jnp.float32))
+        self.W_dec = self.param("W_dec", w_dec)
+        self.b_dec = self.param("b_dec", jnp.zeros((d,), jnp.float32))
         self.cfg = cfg
+
+    def param(self, name: str, value: jax.Array) -> nnx.Param:
+        return nnx.Param(value, out_sharding=self.AXES[name], eager_sharding=False)
 
     def pre_activations(self, x: jax.Array) -> jax.Array:
         """W_enc (x - b_dec) + b_enc: the paper's x̄ = x - b_d, then the encoder.
@@ -86,12 +91,16 @@ class SAE(nnx.Module):
         return f @ self.W_dec[...] + self.b_dec[...]
 
     def loss(self, x: jax.Array, ctx: LossContext) -> tuple[jax.Array, dict]:
-        """(scalar loss, aux) where aux holds `f` and the per-step metrics."""
+        """(scalar loss, aux): aux holds the per-step metrics, "f" (the codes `fired` reads) and,
+        for a family with state, "state" (its next value)."""
         raise NotImplementedError
 
-    @staticmethod
-    def fired(f: jax.Array) -> jax.Array:
-        """What counts as a feature firing on a token: a nonzero activation."""
+    def per_input_loss(self, x: jax.Array, ctx: LossContext) -> jax.Array:
+        """[B] loss of each input (resampling draws replacements ∝ its square)."""
+        raise NotImplementedError
+
+    def fired(self, f: jax.Array) -> jax.Array:
+        """[B, F] bool: what counts as a feature firing on a token (a nonzero activation)."""
         return f > 0
 
     # Decoder-norm handling, applied by the train step around the optimizer update.
@@ -104,14 +113,3 @@ class SAE(nnx.Module):
         if not self.unit_norm_decoder:
             return params
         return {**params, "W_dec": decoder_norm.unit_rows(params["W_dec"])}
-
-
-def reconstruction_metrics(x: jax.Array, x_hat: jax.Array, f: jax.Array) -> dict:
-    """MSE (mean over elements), FVU, L0 for one batch."""
-    err = jnp.square(x_hat - x)
-    total_var = jnp.sum(jnp.square(x - x.mean(axis=0)))
-    return {
-        "mse": err.mean(),
-        "fvu": err.sum() / jnp.maximum(total_var, 1e-12),
-        "l0": SAE.fired(f).sum(axis=-1).mean(),
-    }

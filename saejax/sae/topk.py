@@ -5,6 +5,8 @@
     ê = W_dec · TopK_{k_aux}(pre-activations restricted to dead latents)
 
 b_pre is stored as b_dec (SAELens layout). W_enc starts as W_decᵀ and decoder rows stay unit norm.
+A latent is dead for AuxK when it has not fired in `dead_tokens_aux` tokens (α and the window
+arrive as data, `hparams`; k and k_aux are shapes).
 """
 
 from __future__ import annotations
@@ -13,8 +15,36 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from saejax.config import SAEConfig
-from saejax.sae.base import SAE, LossContext, reconstruction_metrics
+from saejax.errors import ConfigError
+from saejax.sae.base import SAE, LossContext
+from saejax.sae.config import SAEConfig
+from saejax.sae.stats import reconstruction_metrics
+
+
+def hparams(cfg: SAEConfig) -> dict[str, float]:
+    return {"aux_coefficient": cfg.topk.aux_coefficient,
+            "dead_tokens_aux": float(cfg.topk.dead_tokens_aux)}
+
+
+def check(cfg: SAEConfig) -> None:
+    for name in ("k", "k_aux"):
+        if not 0 < getattr(cfg.topk, name) <= cfg.n_features:
+            raise ConfigError(f"sae.topk.{name}={getattr(cfg.topk, name)} must be in "
+                              f"[1, sae.n_features={cfg.n_features}]")
+
+
+def saelens_options(cfg: SAEConfig) -> dict:
+    return {"k": cfg.topk.k, "rescale_acts_by_decoder_norm": False}
+
+
+def from_saelens(cfg_json: dict) -> dict:
+    """`sae` fields of a SAELens topk cfg.json (one that rescales by decoder norm is another
+    function, not this family)."""
+    if cfg_json.get("rescale_acts_by_decoder_norm"):
+        raise ValueError("rescale_acts_by_decoder_norm=true is not supported")
+    if cfg_json.get("k") is None:
+        raise ValueError("architecture 'topk' needs 'k'")
+    return {"topk": {"k": int(cfg_json["k"])}}
 
 
 def keep_top_k(pre: jax.Array, k: int) -> jax.Array:
@@ -27,7 +57,7 @@ def keep_top_k(pre: jax.Array, k: int) -> jax.Array:
 class TopKSAE(SAE):
     def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs, enc_from_dec=True)
-        self.k, self.k_aux, self.aux_coefficient = cfg.k, cfg.k_aux, cfg.aux_coefficient
+        self.k, self.k_aux = cfg.topk.k, cfg.topk.k_aux
 
     def encode(self, x: jax.Array) -> jax.Array:
         return keep_top_k(self.pre_activations(x), self.k)
@@ -36,10 +66,18 @@ class TopKSAE(SAE):
         pre = self.pre_activations(x)
         f = keep_top_k(pre, self.k)
         x_hat = self.decode(f)
-        metrics = reconstruction_metrics(x, x_hat, f)
-        aux = self.aux_loss(pre, x - jax.lax.stop_gradient(x_hat), ctx.dead)
-        loss = metrics["mse"] + self.aux_coefficient * aux
+        metrics = reconstruction_metrics(x, x_hat, self.fired(f))
+        aux = self.aux_loss(pre, x - jax.lax.stop_gradient(x_hat), self.dead(ctx, x.shape[0]))
+        loss = metrics["mse"] + ctx.hparams["aux_coefficient"] * aux
         return loss, {**metrics, "aux_loss": aux, "loss": loss, "f": f}
+
+    @staticmethod
+    def dead(ctx: LossContext, batch_size: int) -> jax.Array | None:
+        """[F] bool: latents that have not fired in the last dead_tokens_aux tokens."""
+        if ctx.steps_since_fired is None:
+            return None
+        window = jnp.ceil(ctx.hparams["dead_tokens_aux"] / batch_size).astype(jnp.int32)
+        return ctx.steps_since_fired >= window
 
     def aux_loss(self, pre: jax.Array, residual: jax.Array, dead: jax.Array | None) -> jax.Array:
         """Reconstruct the main model's residual from the top k_aux dead latents (0 if none)."""

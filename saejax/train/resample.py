@@ -19,33 +19,36 @@ import optax
 from flax import nnx
 
 from saejax.config import Config
-from saejax.train.state import TrainState, dead_mask, l1_coefficient
+from saejax.sae import LossContext, get_family
+from saejax.train.state import TrainState, steps_since_fired
 
 _CHUNK = 8192  # inputs per chunk when computing the candidate losses (bounds activation memory)
 
 
-def candidate_losses(sae, x: jax.Array, l1) -> jax.Array:
+def candidate_losses(sae, x: jax.Array, ctx: LossContext) -> jax.Array:
     """[N] per-input loss, computed in chunks of rows."""
     n = x.shape[0]
     chunk = min(_CHUNK, n)
     if n % chunk:
-        return sae.per_input_loss(x, l1)
-    out = jax.lax.map(lambda c: sae.per_input_loss(c, l1), x.reshape(n // chunk, chunk, -1))
+        return sae.per_input_loss(x, ctx)
+    out = jax.lax.map(lambda c: sae.per_input_loss(c, ctx), x.reshape(n // chunk, chunk, -1))
     return out.reshape(n)
 
 
 def resample(state: TrainState, inputs: jax.Array, *, graphdef, cfg: Config,
              tx: optax.GradientTransformation) -> tuple[TrainState, jax.Array]:
-    """Resample dead features of `state` using `inputs` [N, d_in] (raw activations).
+    """Resample dead features of `state` using `inputs` [N, d_in] (raw activations); which
+    parameters change is the family's rule (`Family.resample`).
 
     Returns the new state and the number of features resampled.
     """
-    r = cfg.resample
-    params = state.params
-    dead = dead_mask(state, r.window_steps)
+    hp, params = state.hparams, state.params
+    since = steps_since_fired(state)
+    dead = since >= hp["resample_window_steps"].astype(jnp.int32)
     x = inputs * state.input_scale
     sae = nnx.merge(graphdef, params)
-    loss = candidate_losses(sae, x, l1_coefficient(cfg, state.step))
+    ctx = LossContext(state.step, hp, since, state.family_state)
+    loss = candidate_losses(sae, x, ctx)
 
     key, sample_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     # ∝ loss²: log-probabilities 2·log(loss); an all-zero loss falls back to uniform.
@@ -57,18 +60,8 @@ def resample(state: TrainState, inputs: jax.Array, *, graphdef, cfg: Config,
     enc_norms = jnp.linalg.norm(params["W_enc"], axis=0)
     n_alive = jnp.sum(~dead)
     mean_alive = jnp.where(n_alive > 0, jnp.sum(jnp.where(dead, 0.0, enc_norms)) / n_alive, 1.0)
-    masks = {
-        "W_enc": dead[None, :],
-        "b_enc": dead,
-        "W_dec": dead[:, None],
-        "b_dec": jnp.zeros(params["b_dec"].shape, bool),
-    }
-    new_params = {
-        **params,
-        "W_enc": jnp.where(masks["W_enc"], unit.T * (r.enc_scale * mean_alive), params["W_enc"]),
-        "b_enc": jnp.where(dead, 0.0, params["b_enc"]),
-        "W_dec": jnp.where(masks["W_dec"], unit, params["W_dec"]),
-    }
+    new_params, masks = get_family(cfg.sae.arch).resample(
+        params, dead, unit, hp["resample_enc_scale"] * mean_alive)
     opt_state = optax.tree_map_params(
         tx, lambda m, mask: jnp.where(mask, jnp.zeros_like(m), m), state.opt_state, masks,
         transform_non_params=lambda v: v,

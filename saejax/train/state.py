@@ -2,6 +2,9 @@
 
 Parameters and their optimizer moments follow the logical-axis rules table; the per-feature
 records (last step fired, firings in the logging window) are sharded over features like them.
+Hyperparameters that leave shapes alone (peak LR, Adam's β1/β2/ε, the clipping norm, λ and its
+warm-up, the AuxK weight and window, the resampling window and scale) are arrays in the state,
+not constants compiled into the step: one compiled step serves many settings.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from jax.sharding import Mesh
 
 from saejax import sharding
 from saejax.config import Config
-from saejax.sae import AXES, make_sae
+from saejax.sae import get_family
 from saejax.sae.init import geometric_median, input_scale
+from saejax.train.schedule import lr_schedule
 
 
 @struct.dataclass
@@ -25,9 +29,13 @@ class TrainState:
     step: jax.Array
     """int32 scalar: number of optimizer steps completed."""
     params: dict
-    """SAE parameters, a plain dict (see saejax.sae.base.AXES)."""
+    """SAE parameters, a plain dict (names and axes: the family's `param_axes`)."""
     opt_state: Any
-    """optax state of `params`."""
+    """optax state of `params` (Adam's β1, β2, ε and the clipping norm are arrays in it)."""
+    hparams: dict
+    """float32 scalars: "lr" (peak), resampling's and the family's (`Family.hparams`)."""
+    family_state: dict
+    """The family's non-parameter state (`Family.init_state`; empty for most families)."""
     last_fired: jax.Array
     """int32 [F]: value of `step` after the last step in which each feature fired (0 = never)."""
     fire_count: jax.Array
@@ -41,40 +49,40 @@ class TrainState:
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    o, steps = cfg.optim, cfg.train.steps
-    decay_steps = max(steps - o.warmup_steps, 1)
-    after = {
-        "constant": optax.constant_schedule(o.lr),
-        "linear": optax.linear_schedule(o.lr, 0.0, decay_steps),
-        "cosine": optax.cosine_decay_schedule(o.lr, decay_steps),
-    }[o.decay]
-    lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps), after],
-                              [o.warmup_steps]) if o.warmup_steps else after
-    adam = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
-    return optax.chain(optax.clip_by_global_norm(o.grad_clip), adam) if o.grad_clip else adam
+    """Adam (optionally after global-norm clipping) with its scalars injected as state arrays.
+    The learning rate in the state is set by the step from `lr_at` (peak × schedule)."""
+    o = cfg.optim
+    adam = optax.inject_hyperparams(optax.adam)(learning_rate=o.lr, b1=o.b1, b2=o.b2, eps=o.eps)
+    if not o.grad_clip:
+        return adam
+    return optax.chain(optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=o.grad_clip),
+                       adam)
 
 
-def l1_coefficient(cfg: Config, step: jax.Array) -> jax.Array:
-    """λ at `step`, with the optional linear warm-up."""
-    lam, warm = cfg.sae.l1_coefficient, cfg.sae.l1_warmup_steps
-    if not warm:
-        return jnp.asarray(lam, jnp.float32)
-    return lam * jnp.minimum(1.0, (step.astype(jnp.float32) + 1) / warm)
+def lr_at(cfg: Config, peak: jax.Array, step: jax.Array) -> jax.Array:
+    """Learning rate of step `step` (0-based): peak × the schedule's shape (warm-up, decay)."""
+    o = cfg.optim
+    return peak * lr_schedule(1.0, o.warmup_steps, o.decay, cfg.train.steps)(step)
 
 
-def dead_mask(state: TrainState, window_steps: int) -> jax.Array:
-    """[F] bool: features that have not fired in the last `window_steps` steps."""
-    return state.step - state.last_fired >= window_steps
+def hparams(cfg: Config) -> dict[str, jax.Array]:
+    """The hyperparameters carried as data (see the module docstring)."""
+    values = {"lr": cfg.optim.lr, "resample_window_steps": float(cfg.resample.window_steps),
+              "resample_enc_scale": cfg.resample.enc_scale,
+              **get_family(cfg.sae.arch).hparams(cfg.sae)}
+    return {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
 
 
-def aux_dead_window_steps(cfg: Config) -> int:
-    return -(-cfg.sae.dead_tokens_aux // cfg.train.batch_size)
+def steps_since_fired(state: TrainState) -> jax.Array:
+    """int32 [F]: steps since each feature last fired (a feature is dead for a window of w steps
+    when this is >= w)."""
+    return state.step - state.last_fired
 
 
 def init_state(cfg: Config, tx: optax.GradientTransformation, sample: jax.Array | None) -> TrainState:
     s = cfg.sae
-    _, params = nnx.split(make_sae(s, seed=cfg.train.seed))
-    params = nnx.to_pure_dict(params)
+    family = get_family(s.arch)
+    params = nnx.to_pure_dict(nnx.split(family.make(s, seed=cfg.train.seed))[1])
     scale = jnp.ones((), jnp.float32)
     if sample is not None:
         if s.scale_inputs:
@@ -86,6 +94,8 @@ def init_state(cfg: Config, tx: optax.GradientTransformation, sample: jax.Array 
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
+        hparams=hparams(cfg),
+        family_state=family.init_state(s),
         last_fired=jnp.zeros((n,), jnp.int32),
         fire_count=jnp.zeros((n,), jnp.int32),
         input_scale=scale,
@@ -94,19 +104,25 @@ def init_state(cfg: Config, tx: optax.GradientTransformation, sample: jax.Array 
     )
 
 
+def param_shardings(cfg: Config, mesh: Mesh) -> dict:
+    """Each parameter's sharding, from the family's logical axes and the rules table."""
+    return {k: sharding.named(mesh, axes)
+            for k, axes in get_family(cfg.sae.arch).param_axes.items()}
+
+
 def state_shardings(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation) -> TrainState:
     """Parameters and their optimizer moments follow the rules table; the rest is replicated,
     except the per-feature records, which are sharded over features like the parameters."""
+    family = get_family(cfg.sae.arch)
     abstract = jax.eval_shape(lambda: init_state(cfg, tx, None))
-    param_sh = {k: sharding.named(mesh, AXES[k]) for k in abstract.params}
+    param_sh = param_shardings(cfg, mesh)
     rep = sharding.replicated(mesh)
-    # eval_shape(opt.init) carries no shardings: map them from the params onto the moments.
-    opt_sh = optax.tree_map_params(
-        tx, lambda _, sh: sh, abstract.opt_state, param_sh,
-        transform_non_params=lambda _: rep,
-    )
+    opt_sh = sharding.optimizer_shardings(tx, abstract.opt_state, param_sh, mesh)
     feat = sharding.named(mesh, ("d_sae",))
     return TrainState(
-        step=rep, params=param_sh, opt_state=opt_sh, last_fired=feat, fire_count=feat,
-        input_scale=rep, rng=rep, nonfinite_step=rep,
+        step=rep, params=param_sh, opt_state=opt_sh,
+        hparams=jax.tree.map(lambda _: rep, abstract.hparams),
+        family_state={k: sharding.named(mesh, family.state_axes.get(k))
+                      for k in abstract.family_state},
+        last_fired=feat, fire_count=feat, input_scale=rep, rng=rep, nonfinite_step=rep,
     )

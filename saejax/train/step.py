@@ -21,16 +21,15 @@ from saejax import sharding
 from saejax.config import Config
 from saejax.sae import SAE, LossContext, make_sae
 from saejax.train.resample import resample
-from saejax.train.state import (TrainState, aux_dead_window_steps, dead_mask, init_state,
-                                l1_coefficient, make_optimizer, state_shardings)
+from saejax.train.state import (TrainState, init_state, lr_at, make_optimizer, state_shardings,
+                                steps_since_fired)
 
 
 def train_step(state: TrainState, batch: jax.Array, *, graphdef, cfg: Config,
                tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch [B, d_in] of raw activations."""
     x = batch * state.input_scale
-    ctx = LossContext(l1_coefficient(cfg, state.step),
-                      dead_mask(state, aux_dead_window_steps(cfg)))
+    ctx = LossContext(state.step, state.hparams, steps_since_fired(state), state.family_state)
 
     def loss_fn(params):
         return nnx.merge(graphdef, params).loss(x, ctx)
@@ -38,22 +37,28 @@ def train_step(state: TrainState, batch: jax.Array, *, graphdef, cfg: Config,
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     sae: SAE = nnx.merge(graphdef, state.params)
     grads = sae.prepare_grads(state.params, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    lr = lr_at(cfg, state.hparams["lr"], state.step)
+    opt_state = optax.tree.set(state.opt_state, learning_rate=lr)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
     params = sae.constrain(optax.apply_updates(state.params, updates))
 
     step = state.step + 1
-    fired = SAE.fired(aux.pop("f")).sum(axis=0, dtype=jnp.int32)
+    fired = sae.fired(aux.pop("f")).sum(axis=0, dtype=jnp.int32)
     window_start = state.step % cfg.train.log_every == 0
     bad = (state.nonfinite_step < 0) & ~jnp.isfinite(loss)
     new_state = state.replace(
         step=step,
         params=params,
         opt_state=opt_state,
+        family_state=aux.pop("state", state.family_state),
         last_fired=jnp.where(fired > 0, step, state.last_fired),
         fire_count=jnp.where(window_start, 0, state.fire_count) + fired,
         nonfinite_step=jnp.where(bad, state.step, state.nonfinite_step),
     )
-    return new_state, aux
+    # Read back on log steps only; the norms cost one pass over the parameters, not the batch.
+    metrics = {**aux, "lr": lr, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params)}
+    return new_state, metrics
 
 
 # ---------------------------------------------------------------- the sharding contract
@@ -96,9 +101,7 @@ class StepContract:
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state (the restore target for checkpoints)."""
-        shapes = jax.eval_shape(lambda: init_state(self.cfg, self.tx, None))
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            shapes, self.state_shardings)
+        return sharding.abstract(jax.eval_shape(lambda: init_state(self.cfg, self.tx, None)), self.state_shardings)
 
     def init(self, sample: jax.Array | None) -> TrainState:
         """Fresh state created already sharded; `sample` ([N, d_in]) drives data-dependent init."""

@@ -1,0 +1,109 @@
+"""A training run's directory, read back for inference: its config, its newest verified
+parameters (and nothing of the optimizer), and where its activations came from.
+
+    run = load_params("runs/sae")                 # params laid out over all local devices,
+    run.params["W_dec"].sharding                  #   features over the `model` axis
+    lm_path, site = provenance(run.cfg)
+
+Only what inference needs is read from the checkpoint (parameters, input scale, the family's
+state), straight onto the mesh given, so a dictionary that trained feature-sharded because it
+did not fit one device is exported and evaluated without ever being whole on one device, and
+its Adam moments are never read at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import yaml
+from flax import nnx
+from jax.sharding import Mesh
+
+from saejax import sharding
+from saejax.checkpoint import Checkpointer
+from saejax.config import Config, MeshConfig, from_dict
+from saejax.errors import ConfigError
+from saejax.sae import get_family
+
+
+@dataclass
+class RunParams:
+    cfg: Config
+    """The run's config (config.yaml)."""
+    step: int
+    """The checkpoint's step."""
+    params: dict[str, jax.Array]
+    """The SAE's parameters as trained (on inputs × input_scale), laid out on the mesh given."""
+    input_scale: float
+    """Inputs were multiplied by this before the SAE (fold it in for raw activations)."""
+    family_state: dict[str, jax.Array]
+    """The family's non-parameter state (`Family.init_state`)."""
+
+
+def read_config(run_dir: str | Path) -> Config:
+    """The config a run was started with, or a ConfigError naming what is missing or wrong."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a saejax run directory (no config.yaml)")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if isinstance(tree, dict) and "sae" not in tree and "model" in tree:
+        raise ConfigError(f"{run_dir} is a language-model run (train-lm), not an SAE run")
+    return from_dict(Config, tree)
+
+
+def inference_mesh(n_features: int, devices: list | None = None) -> Mesh:
+    """All local devices (or `devices`) on the `model` axis, so the features are sharded; as many
+    of them as divide n_features."""
+    devices = jax.local_devices() if devices is None else list(devices)
+    n = max(m for m in range(1, len(devices) + 1) if n_features % m == 0)
+    return sharding.make_mesh(MeshConfig(data=1, model=n), devices[:n])
+
+
+def _abstract(cfg: Config, mesh: Mesh) -> dict:
+    """The restore target: shapes and shardings of what inference reads from a checkpoint."""
+    family = get_family(cfg.sae.arch)
+    params = nnx.to_pure_dict(nnx.eval_shape(lambda: nnx.split(family.make(cfg.sae))[1]))
+    state = jax.eval_shape(lambda: family.init_state(cfg.sae))
+
+    def target(tree: dict, axes: dict) -> dict:
+        return sharding.abstract(tree, {k: sharding.named(mesh, axes.get(k)) for k in tree})
+
+    scale = jax.ShapeDtypeStruct((), jax.numpy.float32)
+    return {"params": target(params, family.param_axes),
+            "input_scale": sharding.abstract(scale, sharding.replicated(mesh)),
+            "family_state": target(state, family.state_axes)}
+
+
+def load_params(run_dir: str | Path, mesh: Mesh | None = None) -> RunParams:
+    """The newest checkpoint of a run that restores and verifies, parameters only, laid out on
+    `mesh` (default: `inference_mesh`)."""
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    mesh = inference_mesh(cfg.sae.n_features) if mesh is None else mesh
+    restored = Checkpointer(run_dir / "checkpoints", async_save=False).restore_latest(
+        _abstract(cfg, mesh), partial=True)
+    if restored is None:
+        raise ConfigError(f"{run_dir / 'checkpoints'} holds no checkpoint")
+    step, state, _ = restored
+    return RunParams(cfg, step, state["params"], float(state["input_scale"]),
+                     state["family_state"])
+
+
+def provenance(cfg: Config) -> tuple[str, str]:
+    """(lm_path, site) a run's activations came from, read from its config or its store."""
+    data = cfg.data
+    if data.source == "lm":
+        return data.lm_path, data.site
+    if data.source == "store":
+        from saejax.data.store import read_store_manifest  # noqa: PLC0415
+
+        m = read_store_manifest(data.store_path)
+        sites = list(m["sites"])
+        return str(m["provenance"].get("model", "")), data.site or (sites[0] if sites else "")
+    return "", ""

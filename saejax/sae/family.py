@@ -1,0 +1,102 @@
+"""An SAE family is one record: everything the rest of saejax asks about a family.
+
+The train step, resampling, checkpoints, export and loading never name a family or a parameter;
+they ask its `Family`. Adding a family is a module under `saejax/sae/` (its nnx module and,
+if it has options, a section in `saejax.sae.config`) and one `register(Family(...))`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from saejax.errors import ConfigError
+from saejax.sae.base import SAE
+from saejax.sae.config import SAEConfig
+
+
+def fold_input_scale_standard(params: dict, scale: float) -> dict:
+    """Parameters for raw inputs x of an SAE trained on s·x (see `saejax.export`):
+    W_enc·s, W_dec/s, b_dec/s; b_enc unchanged. Pre-activations, hence codes, are unchanged."""
+    s = float(scale)
+    return {**params, "W_enc": params["W_enc"] * s, "W_dec": params["W_dec"] / s,
+            "b_dec": params["b_dec"] / s}
+
+
+def resample_standard(params: dict, dead: jax.Array, unit: jax.Array,
+                      enc_norm: jax.Array) -> tuple[dict, dict]:
+    """Towards Monosemanticity's rule for W_enc/b_enc/W_dec: each dead feature's decoder row <-
+    `unit` [F, d] (an input at unit norm), its encoder row <- the same input at norm `enc_norm`,
+    its encoder bias <- 0. Returns (new params, {param: bool mask of the entries changed}), the
+    masks broadcastable to each parameter (their Adam moments are reset there)."""
+    masks = {"W_enc": dead[None, :], "b_enc": dead, "W_dec": dead[:, None],
+             "b_dec": jnp.zeros(params["b_dec"].shape, bool)}
+    new = {**params,
+           "W_enc": jnp.where(masks["W_enc"], unit.T * enc_norm, params["W_enc"]),
+           "b_enc": jnp.where(dead, 0.0, params["b_enc"]),
+           "W_dec": jnp.where(masks["W_dec"], unit, params["W_dec"])}
+    return new, masks
+
+
+def _none(cfg: SAEConfig) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    """`sae.arch` value."""
+    module: type[SAE]
+    """The nnx module: `module(cfg, rngs=...)`, with encode/decode/loss/fired and `AXES`."""
+    hparams: Callable[[SAEConfig], dict[str, float]] = _none
+    """Scalars of the loss carried in the train state as arrays (not compiled in), so one
+    compiled step serves many settings; the loss reads them from `LossContext.hparams`."""
+    resample: Callable[..., tuple[dict, dict]] | None = None
+    """How dead features are reinitialised (`resample_standard`'s signature), or None: the
+    family is never resampled (e.g. TopK, which has AuxK)."""
+    init_state: Callable[[SAEConfig], dict[str, jax.Array]] = _none
+    """Non-parameter state carried across steps and checkpointed (e.g. a running threshold);
+    the loss reads it from `LossContext.state` and returns its next value as aux["state"]."""
+    state_axes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Logical axes of each `init_state` entry (absent = replicated)."""
+    saelens_architecture: str | None = None
+    """SAELens `architecture` it exports as and is loaded from; None: not exportable."""
+    saelens_options: Callable[[SAEConfig], dict[str, Any]] = _none
+    """Extra SAELens cfg.json keys (e.g. {"k": 32})."""
+    from_saelens: Callable[[dict], dict[str, Any]] = lambda cfg_json: {}
+    """`sae` config fields (a nested dict, e.g. {"topk": {"k": 32}}) read from a SAELens cfg.json."""
+    check: Callable[[SAEConfig], None] = lambda cfg: None
+    """Raises ConfigError (naming the field) for settings of its section that cannot work."""
+    fold_input_scale: Callable[[dict, float], dict] = fold_input_scale_standard
+    """Parameters for raw inputs of an SAE trained on scale·x (exports and evaluation)."""
+
+    @property
+    def param_axes(self) -> dict[str, tuple[str, ...]]:
+        return self.module.AXES
+
+    def make(self, cfg: SAEConfig, seed: int = 0) -> SAE:
+        return self.module(cfg, rngs=nnx.Rngs(params=seed))
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Make `family` available as `sae.arch=<name>` (replacing one of the same name)."""
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(arch: str) -> Family:
+    if arch not in FAMILIES:
+        raise ConfigError(f"sae.arch: {arch!r} is not one of {sorted(FAMILIES)}")
+    return FAMILIES[arch]
+
+
+def family_for_saelens(architecture: str) -> Family | None:
+    """The family that loads SAELens's `architecture`, or None."""
+    return next((f for f in FAMILIES.values() if f.saelens_architecture == architecture), None)
