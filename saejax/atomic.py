@@ -1,16 +1,24 @@
-"""Durable file writes (tmp file + fsync + os.replace) and sha256 checksums.
+"""Durable writes, the one home of them: files (tmp file + fsync + os.replace), whole
+directories (written beside their destination, fsynced, renamed into place), JSON without NaN;
+and sha256 checksums and manifests of the on-disk datasets.
 
-Shared by the on-disk datasets (token shards in `saejax.text.tokens`, activation stores in
-`saejax.data.store`): a reader sees either the old file or the complete new one, never a torn
-write, and every shard's checksum is computed from the bytes as they are written.
+A reader sees either the old file (or directory) or the complete new one, never a torn write.
+The on-disk datasets (token shards in `saejax.text.tokens`, activation stores in
+`saejax.data.store`) compute every shard's checksum from the bytes as they are written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
-from typing import Any
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -29,32 +37,102 @@ class _HashingWriter:
         return self._f.write(data)
 
 
-def write_npy_atomic(path: str, array: np.ndarray) -> str:
-    """Save `array` as an .npy file at `path` via `path.tmp` + fsync + rename; return the
-    sha256 of the file's bytes (header included), computed while writing."""
-    tmp = path + ".tmp"
+@contextlib.contextmanager
+def open_atomic(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write `path` through: it is `path.tmp`, fsynced and renamed onto `path`
+    when the block ends without error (readers see the old file or the new one, whole)."""
+    tmp = os.fspath(path) + ".tmp"
     with open(tmp, "wb") as f:
-        w = _HashingWriter(f)
-        np.save(w, np.ascontiguousarray(array), allow_pickle=False)
+        yield f
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return w.digest.hexdigest()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically and durably (`open_atomic`)."""
+    with open_atomic(path) as f:
+        f.write(data)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` via `path.tmp` + fsync + rename (readers see old or new, whole)."""
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `text` (UTF-8) to `path` atomically and durably (`open_atomic`)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_npy_atomic(path: str, array: np.ndarray) -> str:
+    """Save `array` as an .npy file at `path` atomically (`open_atomic`); return the sha256 of
+    the file's bytes (header included), computed while writing."""
+    with open_atomic(path) as f:
+        w = _HashingWriter(f)
+        np.save(w, np.ascontiguousarray(array), allow_pickle=False)
+    return w.digest.hexdigest()
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with NaN and ±Inf floats as None (JSON has neither) and numpy scalars as Python
+    numbers, through dicts, lists and tuples (tuples become lists)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON (trailing newline), atomically (`write_text_atomic`)."""
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file, or a directory (which makes the names created or renamed in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Make the finished directory `tmp` (a sibling of `out`) the directory `out`, durably.
+
+    The files directly in `tmp` and `tmp` itself are fsynced first (files in subdirectories are
+    the writer's to fsync). An existing `out` is renamed aside, `tmp` renamed in, the old one
+    deleted and the parent fsynced: a crash in between leaves `.<name>.old-*` holding the
+    previous `out`, never a torn one."""
+    tmp, out = Path(tmp), Path(out)
+    for f in tmp.iterdir():
+        if f.is_file():
+            fsync_path(f)
+    fsync_path(tmp)
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    fsync_path(out.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """An empty directory beside `out` to write into; when the block ends without error it
+    replaces `out` (`replace_dir`), on error it is removed and `out` is left as it was."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        yield tmp
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def sha256_file(path: str) -> str:

@@ -1,9 +1,12 @@
-"""File-name helpers shared by every reader of user-named files (activations, text)."""
+"""File-name helpers: the files a user's paths and globs name (every reader of activations and
+text), and distinct names for things written or shown side by side."""
 
 from __future__ import annotations
 
 import glob
 import os
+import re
+from collections.abc import Iterable
 
 
 def expand_paths(paths: str | os.PathLike | list[str | os.PathLike], what: str = "data") -> list[str]:
@@ -29,3 +32,23 @@ def expand_paths(paths: str | os.PathLike | list[str | os.PathLike], what: str =
             raise ValueError(f"{what} path or glob pattern {entry!r} matches no files")
         files.extend(matches)
     return files
+
+
+def unique_names(names: Iterable[str], sep: str = "-") -> list[str]:
+    """`names` in order, a repeat suffixed {sep}2, {sep}3, ... (the first kept as is) so that
+    no two are equal (a suffix another of the names already has is skipped)."""
+    names = list(names)
+    given, used, out = set(names), set(), []
+    for name in names:
+        new, k = name, 1
+        while new in used or (k > 1 and new in given):
+            k += 1
+            new = f"{name}{sep}{k}"
+        used.add(new)
+        out.append(new)
+    return out
+
+
+def file_safe(name: str, default: str = "file") -> str:
+    """`name` with every character but letters, digits, '_', '.' and '-' replaced by '_'."""
+    return re.sub(r"[^\w.-]", "_", name) or default

@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from saejax.analysis.features import TokenStrings, analyze, feature, load_analysis
+from saejax.analysis.features import analyze, feature, load_analysis
 from saejax.analysis.logit_effects import direct_logits, direct_path, logit_effects
-from saejax.analysis.stream import site_batches
 from saejax.analysis.topk_stream import (StreamOptions, init_state, priorities, stream_features,
                                          update)
 from saejax.eval.trained import load_sae
 from saejax.export import WEIGHTS_FILENAME
 from saejax.lm.load import load_lm
+from saejax.lm.stream import site_batches
+from saejax.text.labels import TokenStrings, token_bytes
 from saejax.text.tokenizer import load_tokenizer
 from saejax.text.tokens import TokenDataset
 
@@ -206,7 +207,7 @@ def test_logit_effects_match_the_lms_splice(world):
         u -= u.mean()
         for p in (5, 12):
             d = eps * sae.params["W_dec"][j]
-            spliced = lm.run_with_splice(tokens, {sae.site: lambda h, p=p, d=d: h.at[:, p].add(d)})
+            spliced = lm.run(tokens, splices={sae.site: lambda h, p=p, d=d: h.at[:, p].add(d)})[0]
             exact = np.asarray(spliced - clean, np.float64)[0, p] / eps
             r = resid[p] - resid[p].mean()
             sigma = np.sqrt((r ** 2).mean() + lm.cfg.norm_eps)
@@ -242,7 +243,6 @@ def test_token_windows_show_split_characters_whole(world):
     assert "" in window  # some token holds only the tail of a split letter
     # Cut right after a token that starts a letter and does not finish it: the rest of that
     # letter opens the cut window, where it cannot be decoded, so it keeps its escapes.
-    from saejax.analysis.scripts import token_bytes
     raw = token_bytes(tok)
     split = next(k for k, i in enumerate(ids[:-1]) if raw[i] and _ends_mid_character(raw[i]))
     cut = strings.window(ids[split + 1:])

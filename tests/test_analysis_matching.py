@@ -142,7 +142,7 @@ def test_decoder_cosine_by_hand():
 
 def site_rows(world, sets, contexts, lm_path=None):
     """Every counted position's features of each set, float64 [N, F] (brute-force reference)."""
-    from saejax.analysis.stream import site_batches
+    from saejax.lm.stream import site_batches
     from saejax.lm import load_lm
 
     lm = load_lm(lm_path or world.lm)

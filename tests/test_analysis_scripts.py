@@ -7,11 +7,10 @@ import unicodedata
 import numpy as np
 import pytest
 
-from saejax.analysis.scripts import (SCRIPT_RANGES, ScriptLabeler, ScriptOptions, analyse_scripts,
-                                     byte_decoder, format_report, plot_class_histogram,
-                                     precision_curve, script_stats, token_bytes,
-                                     unit_activations)
-from saejax.analysis.stream import site_batches
+from saejax.analysis.scripts import (ScriptOptions, analyse_scripts, format_report,
+                                     plot_class_histogram, script_stats, unit_activations)
+from saejax.lm.stream import site_batches
+from saejax.text.labels import SCRIPT_RANGES, ScriptLabeler, byte_decoder, token_bytes
 
 CLASSES = ("arabic", "cyrillic", "cjk", "latin", "hebrew", "greek")
 
@@ -284,6 +283,26 @@ def test_relative_levels_match_brute_force(world, site_acts):
     ref = brute_force(world, site_acts, "feature",
                       lambda f: np.array(fr)[:, None] * np.maximum(f.max(0), 0)[None])
     check(stats, "feature", ref)
+
+
+def precision_curve(acts: np.ndarray, in_class: np.ndarray,
+                    thresholds=None) -> dict[str, list]:
+    """Precision among firings with activation > t, for each t (default: 0 and 20 steps up to
+    the max). acts [n], in_class [n] bool. Returns {"threshold", "n_fires", "precision"}."""
+    acts, in_class = np.asarray(acts, np.float64), np.asarray(in_class, bool)
+    if thresholds is None:
+        top = float(acts.max()) if acts.size else 0.0
+        thresholds = np.linspace(0.0, top, 21)[:-1]
+    # Sorted once; count above t by binary search (exact, any number of thresholds).
+    order = np.argsort(acts, kind="stable")
+    a, cum_in = acts[order], np.concatenate([[0], np.cumsum(in_class[order])])
+    n_fires, n_in = [], []
+    for t in thresholds:
+        i = int(np.searchsorted(a, t, side="right"))
+        n_fires.append(len(a) - i)
+        n_in.append(int(cum_in[-1] - cum_in[i]))
+    return {"threshold": [float(t) for t in thresholds], "n_fires": n_fires,
+            "precision": [k / n if n else None for k, n in zip(n_in, n_fires)]}
 
 
 def test_one_unit_curve_and_plot(world, site_acts, tmp_path):

@@ -1,14 +1,13 @@
-"""Held-out sparsity/fidelity metrics (saejax.eval.sparsity) and the density PNG, on hand-made
-arrays whose answers are computed by hand."""
+"""Held-out sparsity/fidelity metrics (saejax.eval.sparsity, saejax.sae.stats) and the density
+PNG, on hand-made arrays whose answers are computed by hand."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from saejax.eval.density_plot import plot_density
-from saejax.eval.sparsity import (batch_sums, density_stats, l0_distribution,
-                                  sparsity_summary)
-from saejax.sae.base import reconstruction_metrics
+from saejax.eval.sparsity import batch_sums, l0_distribution, sparsity_summary
+from saejax.sae.stats import density_stats, reconstruction_metrics
 
 # 4 tokens, d = 2, F = 3; the last token is not counted (a BOS position).
 X = np.array([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0], [100.0, 100.0]], np.float32)
@@ -19,7 +18,7 @@ MEAN = np.array([1.0, 1.0], np.float32)
 
 
 def _sums(rows=slice(None)):
-    s, c = batch_sums(jnp.asarray(X[rows]), jnp.asarray(X_HAT[rows]), jnp.asarray(F[rows]),
+    s, c = batch_sums(jnp.asarray(X[rows]), jnp.asarray(X_HAT[rows]), jnp.asarray(F[rows] > 0),
                       jnp.asarray(MEAN), jnp.asarray(MASK[rows]))
     return {k: float(v) for k, v in s.items()}, {k: np.asarray(v) for k, v in c.items()}
 
@@ -51,11 +50,11 @@ def test_fvu_mse_l0_agree_with_reconstruction_metrics():
     x = rng.normal(size=(50, 8)).astype(np.float32)
     x_hat = x + 0.3 * rng.normal(size=(50, 8)).astype(np.float32)
     f = np.maximum(rng.normal(size=(50, 16)), 0).astype(np.float32)
-    s, c = batch_sums(jnp.asarray(x), jnp.asarray(x_hat), jnp.asarray(f),
+    s, c = batch_sums(jnp.asarray(x), jnp.asarray(x_hat), jnp.asarray(f > 0),
                       jnp.asarray(x.mean(0)), jnp.ones(50, bool))
     got = sparsity_summary(float(s["sq_err"]), float(s["total_var"]), np.asarray(c["fire_count"]),
                            np.asarray(c["l0_count"]), 8)
-    want = reconstruction_metrics(jnp.asarray(x), jnp.asarray(x_hat), jnp.asarray(f))
+    want = reconstruction_metrics(jnp.asarray(x), jnp.asarray(x_hat), jnp.asarray(f > 0))
     for k in ("mse", "fvu", "l0"):
         assert got[k] == pytest.approx(float(want[k]), rel=1e-5)
 

@@ -85,7 +85,7 @@ def test_unknown_site_lists_valid_names():
     ):
         lm.run_with_cache(TOKENS, ["blocks.7.hook_resid_pre"])
     with pytest.raises(ValueError, match="hook_resid_mid"):  # parallel residual has no resid_mid
-        lm.run_with_splice(TOKENS, {"blocks.0.hook_resid_mid": lambda x: x})
+        lm.run(TOKENS, splices={"blocks.0.hook_resid_mid": lambda x: x})[0]
 
 
 @pytest.mark.parametrize("parallel", [False, True])
@@ -140,18 +140,18 @@ def test_forward_stops_after_last_needed_site():
 def test_splice_replaces_value_seen_downstream():
     lm = _lm()
     ident = {s: (lambda x: x) for s in lm.hook_names()}
-    np.testing.assert_array_equal(lm.run_with_splice(TOKENS, ident), lm(TOKENS))
+    np.testing.assert_array_equal(lm.run(TOKENS, splices=ident)[0], lm(TOKENS))
     # Overwriting the residual stream entering block 1 with a constant leaves nothing of the
     # tokens downstream: logits become the same for any input, and the cache shows the splice.
     const = {"blocks.1.hook_resid_pre": lambda x: jnp.ones_like(x)}
     other = (TOKENS + 7) % 50
     np.testing.assert_allclose(
-        lm.run_with_splice(TOKENS, const), lm.run_with_splice(other, const), atol=1e-5
+        lm.run(TOKENS, splices=const)[0], lm.run(other, splices=const)[0], atol=1e-5
     )
     _, c = lm.run(TOKENS, cache=["blocks.1.hook_resid_pre"], splices=const, logits=False)
     np.testing.assert_array_equal(c["blocks.1.hook_resid_pre"], 1.0)
     with pytest.raises(ValueError, match="shape"):
-        lm.run_with_splice(TOKENS, {"blocks.0.mlp.hook_post": lambda x: x[..., :3]})
+        lm.run(TOKENS, splices={"blocks.0.mlp.hook_post": lambda x: x[..., :3]})[0]
 
 
 def test_splice_under_jit_with_traced_arguments():
@@ -162,10 +162,10 @@ def test_splice_under_jit_with_traced_arguments():
 
     @jax.jit
     def spliced(state, scale, tokens):
-        return nnx.merge(graphdef, state).run_with_splice(tokens, {site: lambda x: x * scale})
+        return nnx.merge(graphdef, state).run(tokens, splices={site: lambda x: x * scale})[0]
 
     np.testing.assert_allclose(spliced(state, 1.0, TOKENS), lm(TOKENS), rtol=1e-4, atol=1e-4)
-    zero = lm.run_with_splice(TOKENS, {site: jnp.zeros_like})
+    zero = lm.run(TOKENS, splices={site: jnp.zeros_like})[0]
     np.testing.assert_allclose(spliced(state, 0.0, TOKENS), zero, rtol=1e-4, atol=1e-4)
 
 

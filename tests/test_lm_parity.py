@@ -197,9 +197,9 @@ def test_zero_mlp_out_splice_matches_zeroed_projection(case):
         theirs = _torch_forward(model, tokens).logits.numpy()
     finally:
         proj.load_state_dict(saved)
-    ours = lm.run_with_splice(jnp.asarray(tokens), {"blocks.0.hook_mlp_out": jnp.zeros_like})
+    ours = lm.run(jnp.asarray(tokens), splices={"blocks.0.hook_mlp_out": jnp.zeros_like})[0]
     _assert_close(ours, theirs, f"{name} logits with block 0's MLP removed")
-    same = lm.run_with_splice(jnp.asarray(tokens), {s: lambda x: x for s in lm.hook_names()})
+    same = lm.run(jnp.asarray(tokens), splices={s: lambda x: x for s in lm.hook_names()})[0]
     np.testing.assert_array_equal(np.asarray(same), np.asarray(lm(jnp.asarray(tokens))))
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import scipy.stats
 
 Example = dict[str, Any]
 MAX_LEVEL = 10
@@ -50,32 +51,16 @@ MAX_LEVEL = 10
 # -- statistics ---------------------------------------------------------------------------------
 
 
-def rankdata(x: Sequence[float]) -> np.ndarray:
-    """Ranks 1..n of x, ties getting the average of the ranks they span (float64 [n])."""
-    x = np.asarray(x, np.float64)
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    # Runs of equal values: each gets the mean of positions first+1 .. last+1.
-    new = np.concatenate([[True], xs[1:] != xs[:-1]])
-    run = np.cumsum(new) - 1
-    starts = np.flatnonzero(new)
-    ends = np.append(starts[1:], len(xs))
-    ranks = np.empty(len(x))
-    ranks[order] = ((starts + ends + 1) / 2.0)[run]
-    return ranks
-
-
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's rank correlation: Pearson correlation of the average ranks (ties allowed).
-    NaN when either input is constant or has fewer than 2 values."""
+    """Spearman's rank correlation (`scipy.stats.spearmanr`: Pearson correlation of the ranks,
+    ties getting the average of the ranks they span). NaN when either input is constant or has
+    fewer than 2 values."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"spearman needs two 1-D arrays of one length, got {a.shape}, {b.shape}")
-    if len(a) < 2:
-        return math.nan
-    ra, rb = rankdata(a) - (len(a) + 1) / 2, rankdata(b) - (len(b) + 1) / 2
-    den = math.sqrt(float(ra @ ra) * float(rb @ rb))
-    return float(ra @ rb) / den if den > 0 else math.nan
+    if len(a) < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+        return math.nan  # undefined (scipy would say so with a warning)
+    return float(scipy.stats.spearmanr(a, b).statistic)
 
 
 def quantize(acts: Sequence[float], max_act: float) -> list[int]:

@@ -9,18 +9,21 @@
                                             out/splitting.json, out/splitting.png
 
 Two SAEs of different sizes also get the (two-level) tree. Every statistic comes from one pass
-over the same contexts and positions (`saejax.analysis.stream`), each LM run once per batch.
+over the same contexts and positions (`saejax.lm.stream`), each LM run once per batch.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from saejax.analysis.matching import (MEASURES, FeatureSet, best_matches, decoder_cosine,
                                       neuron_features, sae_features, stream_similarities)
 from saejax.analysis.splitting import draw_family, tree_from_similarities
+from saejax.atomic import json_safe, write_text_atomic
+from saejax.files import unique_names
 
 
 def _check_tokenizers(lm_paths: Sequence[str], tokens) -> None:
@@ -55,14 +58,8 @@ def _check_saes(saes) -> None:
 
 def _unique_names(sets: list[FeatureSet]) -> list[FeatureSet]:
     """Suffix repeated names (an SAE compared with itself) so tables and trees stay readable."""
-    from dataclasses import replace  # noqa: PLC0415
-
-    seen: dict[str, int] = {}
-    out = []
-    for s in sets:
-        k = seen[s.name] = seen.get(s.name, 0) + 1
-        out.append(replace(s, name=f"{s.name}#{k}") if k > 1 else s)
-    return out
+    names = unique_names((s.name for s in sets), "#")
+    return [replace(s, name=name) for s, name in zip(sets, names)]
 
 
 def _both_ways(sim, min_fires: int) -> dict:
@@ -86,8 +83,8 @@ def compare(sae_paths: Sequence[str | Path], tokens_path: str | Path, out_dir: s
     figure. Returns what compare.json / splitting.json hold (the JSON of the tree under
     "splitting").
     """
-    from saejax.analysis.stream import parse_contexts  # noqa: PLC0415
     from saejax.eval.trained import load_sae  # noqa: PLC0415
+    from saejax.lm.stream import parse_contexts  # noqa: PLC0415
     from saejax.text.tokens import TokenDataset  # noqa: PLC0415
 
     if len(sae_paths) < 2:
@@ -174,19 +171,6 @@ def _normalise_labels(labels: Mapping | None) -> dict | None:
     return {key(lv): {int(f): str(t) for f, t in per.items()} for lv, per in labels.items()}
 
 
-def _jsonable(x):
-    """NaN -> None (JSON has no NaN); numpy scalars -> Python."""
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "item"):
-        x = x.item()
-    if isinstance(x, float) and x != x:
-        return None
-    return x
-
-
 def _to_json(x, depth: int = 0) -> str:
     """Indented JSON, but a list of scalars on one line (per-feature arrays stay short)."""
     pad, end = "  " * (depth + 1), "\n" + "  " * depth
@@ -199,9 +183,7 @@ def _to_json(x, depth: int = 0) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    from saejax.atomic import write_text_atomic  # noqa: PLC0415
-
-    write_text_atomic(path, _to_json(_jsonable(obj)) + "\n")
+    write_text_atomic(path, _to_json(json_safe(obj)) + "\n")
 
 
 def _fmt(v) -> str:

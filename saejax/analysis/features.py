@@ -19,22 +19,23 @@ directory the feature browser reads (`load_analysis`, `feature`).
     example = {"context", "pos", "act", "tokens": [str], "acts": [float], "focus": int}
 
 An example's `tokens` are the decoded strings of a window of tokens around the position (cut at
-the context's edges; `TokenStrings`), `acts` the feature's activation on each of them (0 at
-BOS/separator positions, which are not counted), `focus` the example's index in the window.
+the context's edges; `saejax.text.labels.TokenStrings`), `acts` the feature's activation on each
+of them (0 at BOS/separator positions, which are not counted), `focus` the example's index in the
+window.
 Density is over counted positions; mean_act is the mean over the tokens where the feature fires.
 Dead features have a file too (n_fired 0, empty example lists, logit effects still given).
 
 Two passes over the contexts: `topk_stream.stream_features` (statistics and which examples),
 then the contexts holding the chosen examples again, to read each example's window of
 activations for its feature (`example_windows`), feature group by feature group so host memory
-stays bounded. The directory is written under a temporary name and renamed into place.
+stays bounded. The directory is written under a temporary name and renamed into place
+(`saejax.atomic.atomic_dir`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,13 +44,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saejax.analysis.layout import FEATURES, FORMAT, INDEX, VERSION, feature, load_analysis
 from saejax.analysis.logit_effects import LogitEffects, logit_effects
-from saejax.analysis.scripts import byte_decoder, token_bytes
-from saejax.analysis.stream import parse_contexts, site_batches
 from saejax.analysis.topk_stream import (Example, FeatureSummary, StreamOptions, chunk_tokens,
                                          pad_batch, scan_chunks, stream_features)
-
-from saejax.analysis.layout import FEATURES, FORMAT, INDEX, VERSION, feature, load_analysis
+from saejax.atomic import atomic_dir
+from saejax.lm.stream import parse_contexts, site_batches
+from saejax.text.labels import TokenStrings
 
 
 @dataclass(frozen=True)
@@ -92,75 +93,6 @@ class AnalysisOptions:
     def stream(self) -> StreamOptions:
         return StreamOptions(top_k=self.top_k, n_samples=self.n_samples, seed=self.seed,
                              chunk_elements=self.chunk_elements)
-
-
-# -- token strings -------------------------------------------------------------------------------
-
-
-class TokenStrings:
-    """Token id -> display string, each token decoded on its own (cached).
-
-    A token that is only part of a multibyte character (byte-level BPE splitting an Arabic
-    letter, say) does not decode on its own; its bytes are shown as the valid characters they
-    hold plus backslash escapes (\\xd8) for the rest, so concatenating the strings of a token
-    run and reading the escapes back gives the original bytes."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
-        self._bytes = byte_decoder()
-        self._vocab_bytes: list[bytes | None] | None = None
-
-    def __call__(self, ids) -> list[str]:
-        return [self.one(int(i)) for i in np.asarray(ids).reshape(-1)]
-
-    def one(self, i: int) -> str:
-        s = self._cache.get(i)
-        if s is None:
-            s = self.tokenizer.decode([i], clean_up_tokenization_spaces=False)
-            raw = self.tokenizer.convert_ids_to_tokens(i) or ""
-            if "\ufffd" in s:
-                if raw and all(ch in self._bytes for ch in raw):  # byte-level BPE
-                    s = bytes(self._bytes[ch] for ch in raw).decode("utf-8", "backslashreplace")
-                elif raw:  # e.g. SentencePiece byte fallback "<0xD8>" says it best
-                    s = raw
-            elif raw.startswith("\u2581") and not s.startswith(" "):
-                s = " " + s  # SentencePiece drops a word-initial space when decoding one token
-            self._cache[i] = s
-        return s
-
-    def window(self, ids) -> list[str]:
-        """Display strings of a run of tokens, decoded in context: a character whose bytes span
-        several tokens (byte-level BPE splitting an Arabic letter) is shown whole on the token
-        that holds its first byte, and a token holding only the rest of it shows as "". Bytes
-        cut at the run's edges, special tokens and unknown bytes keep `one`'s rendering."""
-        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-        if self._vocab_bytes is None:
-            self._vocab_bytes = token_bytes(self.tokenizer)
-        raw = [self._vocab_bytes[i] if i < len(self._vocab_bytes) else None for i in ids]
-        out = [self.one(i) if not b else "" for i, b in zip(ids, raw)]
-        owner = [k for k, b in enumerate(raw) if b for _ in b]  # byte -> its token
-        buf = b"".join(b for b in raw if b)
-        p = 0
-        while p < len(buf):
-            n = _utf8_length(buf, p)
-            out[owner[p]] += buf[p:p + n].decode("utf-8", "backslashreplace")
-            p += n
-        return out
-
-
-def _utf8_length(buf: bytes, p: int) -> int:
-    """Bytes of the UTF-8 character starting at buf[p]; 1 for a byte that does not start a
-    complete valid character (it is then shown as an escape)."""
-    lead = buf[p]
-    n = 1 if lead < 0x80 else 2 if 0xC2 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 \
-        else 4 if 0xF0 <= lead < 0xF5 else 1
-    if n > 1:
-        try:
-            buf[p:p + n].decode("utf-8")
-        except UnicodeDecodeError:
-            return 1
-    return n
 
 
 # -- example windows -----------------------------------------------------------------------------
@@ -313,18 +245,6 @@ def _check_destination(out_dir: Path) -> None:
                               f"refusing to replace it: choose another out_dir")
 
 
-def _install(tmp: Path, out_dir: Path) -> None:
-    """Move the finished tmp directory to out_dir, replacing an earlier analysis there."""
-    _check_destination(out_dir)
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old)
-
-
 def analyze(sae_path: str | os.PathLike, tokens_path: str | os.PathLike,
             out_dir: str | os.PathLike, options: AnalysisOptions | None = None,
             **overrides: Any) -> Path:
@@ -358,12 +278,7 @@ def analyze(sae_path: str | os.PathLike, tokens_path: str | os.PathLike,
                               batch_contexts=opts.batch_contexts)
     effects = logit_effects(lm, sae.site, sae.params["W_dec"], opts.n_logits,
                             opts.chunk_elements)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp:
         write_feature_files(tmp, sae, lm, tokens, summary, effects, strings, opts)
         index = {
             "format": FORMAT, "version": VERSION,
@@ -378,14 +293,9 @@ def analyze(sae_path: str | os.PathLike, tokens_path: str | os.PathLike,
         }
         with open(tmp / INDEX, "w", encoding="utf-8") as f:
             json.dump(index, f, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        _install(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _check_destination(out_dir)  # again: something else may have appeared there meanwhile
     return out_dir
 
 
-__all__ = ["AnalysisOptions", "TokenStrings", "Windows", "analyze", "example_windows",
-           "feature", "load_analysis"]
+__all__ = ["AnalysisOptions", "Windows", "analyze", "example_windows", "feature",
+           "load_analysis"]

@@ -337,8 +337,8 @@ def stream_similarities(tokens, sets: Sequence[FeatureSet], pairs: Iterable[tupl
     sets: feature sets (each LM is loaded once and run once per batch, whatever sets read it);
     pairs: (index of A, index of B) into sets. Every set is encoded once per batch.
     """
-    from saejax.analysis.stream import site_batches  # noqa: PLC0415
     from saejax.lm import load_lm  # noqa: PLC0415
+    from saejax.lm.stream import site_batches  # noqa: PLC0415
 
     pairs = [tuple(p) for p in pairs]
     for p in pairs:

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax.analysis.stream import site_batches
 from saejax.hashmix import mix32
+from saejax.lm.stream import site_batches
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saejax.eval.sparsity import ULTRALOW_DENSITY
-from saejax.train.metrics import DENSE_THRESHOLD
+from saejax.sae.stats import DENSE_THRESHOLD, ULTRALOW_DENSITY
 
 BIN_WIDTH = 0.2
 """Histogram bin width in log10 units."""

@@ -9,13 +9,12 @@ writes eval/eval.json (everything `evaluate` returns) and eval/<sae name>_densit
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from saejax.eval.trained import TrainedSAE, load_sae
+from saejax.files import file_safe, unique_names
 
 EVAL_JSON = "eval.json"
 
@@ -45,26 +44,8 @@ def resolve_lm(saes: Sequence[TrainedSAE], lm_path: str | None = None) -> str:
 
 def _unique_names(saes: list[TrainedSAE]) -> list[TrainedSAE]:
     """Names safe as file names and distinct (a repeated name gets -2, -3, ...)."""
-    seen: dict[str, int] = {}
-    out = []
-    for sae in saes:
-        name = re.sub(r"[^\w.-]", "_", sae.name) or "sae"
-        seen[name] = seen.get(name, 0) + 1
-        if seen[name] > 1:
-            name = f"{name}-{seen[name]}"
-        out.append(dataclasses.replace(sae, name=name))
-    return out
-
-
-def _finite(obj):
-    """NaN/Inf -> None, so eval.json is strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
+    names = unique_names(file_safe(sae.name, "sae") for sae in saes)
+    return [dataclasses.replace(sae, name=name) for sae, name in zip(saes, names)]
 
 
 def evaluate(sae_paths: Sequence[str | os.PathLike], tokens_path: str | os.PathLike,
@@ -77,10 +58,10 @@ def evaluate(sae_paths: Sequence[str | os.PathLike], tokens_path: str | os.PathL
     Returns `saejax.eval.splice.summarize`'s dict plus lm_path, tokens_path, contexts; with
     out_dir also writes eval.json and one density PNG per SAE (named in its "density_png").
     """
-    from saejax.analysis.stream import parse_contexts  # noqa: PLC0415
     from saejax.eval.density_plot import plot_density  # noqa: PLC0415
     from saejax.eval.splice import splice_pass, summarize  # noqa: PLC0415
     from saejax.lm.load import load_lm  # noqa: PLC0415
+    from saejax.lm.stream import parse_contexts  # noqa: PLC0415
     from saejax.text.tokens import TokenDataset  # noqa: PLC0415
 
     if not sae_paths:
@@ -97,7 +78,7 @@ def evaluate(sae_paths: Sequence[str | os.PathLike], tokens_path: str | os.PathL
     results = {"lm_path": str(lm_path), "tokens_path": str(tokens_path), "contexts": contexts,
                **summarize(totals, saes)}
     if out_dir is not None:
-        from saejax.atomic import write_json_atomic  # noqa: PLC0415
+        from saejax.atomic import json_safe, write_json_atomic  # noqa: PLC0415
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +86,7 @@ def evaluate(sae_paths: Sequence[str | os.PathLike], tokens_path: str | os.PathL
             png = plot_density(counts["fire_count"], totals.n_tokens,
                                out / f"{sae.name}_density.png", title=sae.name)
             entry["density_png"] = png.name
-        write_json_atomic(str(out / EVAL_JSON), _finite(results))
+        write_json_atomic(str(out / EVAL_JSON), json_safe(results))
     return results
 
 

@@ -10,7 +10,7 @@ and fidelity sums of `saejax.eval.sparsity`. One jitted function per batch runs 
 forward, every SAE's spliced forward and every site's two ablations, so several SAEs (different
 sites or sizes) share one pass over the data and one clean forward.
 
-Positions. Contexts and masks follow `saejax.analysis.stream.site_batches`: BOS/separator
+Positions. Contexts and masks follow `saejax.lm.stream.site_batches`: BOS/separator
 positions do not count. Splices and ablations replace the site's activation only at counted
 positions -- the SAE never trained on the others, whose activations are outliers -- and CE/KL
 are taken over the predictions made at counted positions t < T − 1 (the last position has no
@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from saejax.analysis.stream import site_batches
 from saejax.eval.sparsity import batch_sums, sparsity_summary
 from saejax.eval.trained import TrainedSAE
+from saejax.lm.stream import site_batches
 
 F32 = jnp.float32
 MAX_TOKENS = 2**31 - 1
@@ -122,7 +122,8 @@ def _sae_batch(sae: TrainedSAE, params: dict, x: jax.Array, mean: jax.Array, mas
     f = sae.encode(params, x)
     x_hat = sae.decode(params, f)
     sums, counts = batch_sums(x.reshape(-1, sae.d_in), x_hat.reshape(-1, sae.d_in),
-                              f.reshape(-1, sae.n_features), mean, mask.reshape(-1))
+                              sae.fired(params, f).reshape(-1, sae.n_features), mean,
+                              mask.reshape(-1))
     return x_hat.astype(x.dtype), sums, counts
 
 

@@ -356,16 +356,6 @@ class LM(nnx.Module):
         """(logits or None, {site: activation [B, T, d]}); stops early unless logits=True."""
         return self.run(tokens, cache=sites, logits=logits, attention_mask=attention_mask)
 
-    def run_with_splice(
-        self,
-        tokens: jax.Array,
-        splices: Mapping[str, Splice],
-        *,
-        attention_mask: jax.Array | None = None,
-    ) -> jax.Array:
-        """Logits with each site's value replaced by fn(value) (an SAE reconstruction, zeros...)."""
-        return self.run(tokens, splices=splices, attention_mask=attention_mask)[0]
-
     def _forward(
         self, tokens: jax.Array, attention_mask: jax.Array | None, hook: HookRun
     ) -> jax.Array:

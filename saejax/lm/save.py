@@ -4,9 +4,9 @@ The inverse of `saejax.lm.load.load_lm`. Writes `config.json` (the family's tran
 from `config_to_hf`), `model.safetensors` (tensor names and layouts from the family's one
 `weight_map`, the same table `load_lm` reads through; a tied unembedding is not stored, as
 transformers itself does) and, if given, the tokenizer files. The directory is written next to
-its destination and renamed into place, so a reader never sees half a model. GPT-2 (including the
-Towards Monosemanticity one-layer ReLU model) can be saved; families whose weight map declares no
-inverse transforms raise NotImplementedError.
+its destination and renamed into place (`saejax.atomic.atomic_dir`), so a reader never sees half
+a model. GPT-2 (including the Towards Monosemanticity one-layer ReLU model) can be saved;
+families whose weight map declares no inverse transforms raise NotImplementedError.
 
 The result loads in transformers (`GPT2LMHeadModel.from_pretrained(dir)`) and back in saejax
 (`load_lm(dir)` gives bit-identical parameters).
@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from saejax.atomic import atomic_dir
 from saejax.lm.convert import to_checkpoint
 from saejax.lm.load import FAMILIES
 from saejax.lm.model import LM, LMConfig
@@ -108,22 +109,13 @@ def save_hf(
         return out
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        from safetensors.numpy import save_file
+    from safetensors.numpy import save_file
 
+    with atomic_dir(out) as tmp:
         hf.to_json_file(str(tmp / "config.json"), use_diff=False)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for f in tok_files:
             shutil.copy2(f, tmp / f.name)
-        _fsync_dir(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -144,23 +136,3 @@ def _tokenizer_files(tokenizer_dir: str | os.PathLike) -> list[Path]:
         raise FileNotFoundError(f"{tokenizer_dir} is not a directory holding tokenizer files "
                                 f"({', '.join(TOKENIZER_PATTERNS)})")
     return files
-
-
-def _fsync_dir(d: Path) -> None:
-    for f in d.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`. An existing `out` is first renamed aside and deleted afterwards: a
-    crash in between leaves `.<name>.old-<pid>` holding the previous model, never a torn one."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-

@@ -3,7 +3,8 @@
     Corpus (files / JSON lines / HF datasets) ──tokenizer──▶ Packer ──▶ tokens_*.npy + manifest.json
 
 `corpus` yields documents, `tokenizer` loads HF tokenizers or trains a byte-level BPE offline,
-`tokens` packs token streams into fixed-length contexts and reads them back (`TokenDataset`).
+`tokens` packs token streams into fixed-length contexts and reads them back (`TokenDataset`),
+`labels` says what tokens are as text (their bytes, display strings and writing systems).
 transformers, tokenizers and datasets are imported only where used.
 """
 

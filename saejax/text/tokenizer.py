@@ -16,6 +16,8 @@ import json
 import os
 from typing import Any, Iterable, Sequence
 
+from saejax.atomic import write_json_atomic
+
 ENDOFTEXT = "<|endoftext|>"
 
 
@@ -102,8 +104,4 @@ def _set_portable_class(out_dir: str) -> None:
     with open(path, encoding="utf-8") as f:
         cfg = json.load(f)
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, cfg)

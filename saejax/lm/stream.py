@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from saejax.lm.model import cache_fn
+
 
 @dataclass(frozen=True)
 class SiteBatch:
@@ -42,12 +44,10 @@ def site_batches(lm, tokens, sites: Sequence[str], contexts: Sequence[int], *,
                  logits: bool = False) -> Iterator[SiteBatch]:
     """Yield SiteBatch for `contexts` of the TokenDataset `tokens`, batch_contexts at a time.
 
-    lm: a loaded `saejax.lm.LM`. With logits=True the forward runs to the end (the batch's
+    lm: a loaded `LM`. With logits=True the forward runs to the end (the batch's
     acts then also hold "logits" [B, T, vocab]); otherwise it stops after the last site.
     The last batch may be shorter (one extra compile).
     """
-    from saejax.lm.model import cache_fn  # noqa: PLC0415
-
     fn, state = cache_fn(lm, sites, logits=logits)
     contexts = np.asarray(contexts, np.int64)
     for lo in range(0, len(contexts), batch_contexts):
