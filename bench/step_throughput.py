@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from saejax.config import Config, ConfigError, validate
-from saejax.sae import AXES, FAMILIES
+from saejax.sae import FAMILIES, SAE
 from saejax.sharding import batch_sharding, make_mesh, named
 from saejax.train.step import StepContract
 
@@ -45,8 +45,8 @@ def matmul_refs(mesh: Mesh, b: int, d: int, f: int) -> dict[str, Callable[[], An
     """The two references, as zero-argument callables on arrays sharded like the step's."""
     key = jax.random.key(0)
     x = jax.device_put(jax.random.normal(key, (b, d)), batch_sharding(mesh))
-    w_enc = jax.device_put(jax.random.normal(key, (d, f)) / d**0.5, named(mesh, AXES["W_enc"]))
-    w_dec = jax.device_put(jax.random.normal(key, (f, d)) / f**0.5, named(mesh, AXES["W_dec"]))
+    w_enc = jax.device_put(jax.random.normal(key, (d, f)) / d**0.5, named(mesh, SAE.AXES["W_enc"]))
+    w_dec = jax.device_put(jax.random.normal(key, (f, d)) / f**0.5, named(mesh, SAE.AXES["W_dec"]))
 
     matmul = jax.jit(lambda x, w: x @ w)
 

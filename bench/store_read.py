@@ -29,7 +29,8 @@ import jax
 import numpy as np
 
 from saejax.config import Config, validate
-from saejax.data.store import ActivationStore, harvest_to_store
+from saejax.data.store import ActivationStore
+from saejax.data.store_writer import harvest_to_store
 from saejax.sharding import make_mesh
 from saejax.train.step import StepContract
 

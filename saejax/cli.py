@@ -30,7 +30,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from saejax.export_run import export_run
+    from saejax.export import export_run
 
     out = export_run(args.run_dir, args.out_dir)
     print(f"wrote SAELens-format SAE to {out}")
@@ -38,13 +38,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_train_lm(args) -> int:
-    from saejax.lm.train import format_summary, load_lm_train_config, train_lm
+    from saejax.train.lm import load_lm_train_config, train_lm
 
     cfg = load_lm_train_config(args.config, args.overrides)
     _maybe_init_distributed()
-    summary = train_lm(cfg, quiet=args.quiet)
-    if not args.quiet:
-        print(format_summary(summary))
+    train_lm(cfg, quiet=args.quiet)  # prints its summary unless quiet, as `train` does
     return 0
 
 
@@ -285,9 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_compare)
     args = parser.parse_args(argv)
 
-    from saejax.checkpoint import CheckpointError
-    from saejax.config import ConfigError
-    from saejax.train.metrics import NonFiniteLossError
+    from saejax.errors import CheckpointError, ConfigError, NonFiniteLossError
     try:
         return args.func(args)
     except ConfigError as e:

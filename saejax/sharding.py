@@ -1,13 +1,17 @@
-"""Mesh construction, the logical-axis rules table, and host-local -> global batches.
+"""Mesh construction, the logical-axis rules table, host-local -> global batches and back.
 
-Model code names logical axes only (`batch`, `d_in`, `d_sae`); this file is the one place that
-maps them to the mesh axes `data` and `model`.
+Model, data and training code name logical axes only (`batch`, `d_in`, `d_sae`; sizes through
+`axis_size`); this file is the one place that maps them to the mesh axes `data` and `model`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import numpy as np
+import optax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from saejax.config import MeshConfig, resolve_mesh_shape
@@ -51,6 +55,12 @@ def named(mesh: Mesh, names: tuple[str | None, ...] | None) -> NamedSharding:
     return NamedSharding(mesh, logical_spec(names))
 
 
+def axis_size(mesh: Mesh, name: str) -> int:
+    """How many ways the logical axis `name` is split on `mesh` (1 when it is replicated)."""
+    axis = LOGICAL_RULES.get(name)
+    return 1 if axis is None else mesh.shape[axis]
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -60,13 +70,42 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return named(mesh, ("batch", "d_in"))
 
 
+def abstract(shapes: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of the tree `shapes` (e.g. from jax.eval_shape) carrying `shardings`:
+    a restore target for checkpoints and the input of ahead-of-time compilation."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, shardings)
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any,
+                        param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings of `tx`'s state: each moment laid out like its parameter, the rest (counts,
+    schedule state) replicated. Needed because `jax.eval_shape(tx.init, ...)` drops shardings."""
+    rep = replicated(mesh)
+    return optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt_state, param_shardings,
+                                 transform_non_params=lambda _: rep)
+
+
 def host_batch_to_global(local: np.ndarray, mesh: Mesh) -> jax.Array:
-    """The one function that turns this process's rows into a global array sharded over `data`.
+    """The one function that turns this process's rows into a global array whose first axis is
+    `batch` (the rest replicated): activations [B, d_in], token contexts [B, T], weights [B].
 
     With one process this is a plain device_put; with several, each contributes its contiguous
     rows of the global batch (see `process_rows`).
     """
-    return jax.make_array_from_process_local_data(batch_sharding(mesh), local)
+    rows = named(mesh, ("batch",) + (None,) * (np.ndim(local) - 1))
+    return jax.make_array_from_process_local_data(rows, local)
+
+
+def to_host(tree):
+    """`jax.device_get` that also works in multi-process runs for arrays sharded over devices of
+    other processes (e.g. per-feature records when the `model` axis spans processes): those are
+    all-gathered first. A collective then, so every process must call it."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+    return jax.tree.map(one, tree)
 
 
 def process_rows(mesh, n: int) -> tuple[int, int]:
@@ -76,7 +115,7 @@ def process_rows(mesh, n: int) -> tuple[int, int]:
     axis spans processes, processes share rows (with `data` = 1, every process feeds all rows)."""
     if jax.process_count() == 1:
         return 0, n
-    index = batch_sharding(mesh).addressable_devices_indices_map((n, 1))
+    index = named(mesh, ("batch",)).addressable_devices_indices_map((n,))
     starts = sorted({sl[0].indices(n)[0] for sl in index.values()})
     stops = sorted({sl[0].indices(n)[1] for sl in index.values()})
     if starts[1:] != stops[:-1]:

@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 
 from saejax.data.npy import NpySource
-from saejax.data.source import ActivationSource, host_rows
-from saejax.data.synthetic import (BLOCK, SyntheticSource, max_cosine_per_feature, mmcs,
-                                   recovered_fraction)
+from saejax.data.source import ActivationSource
+from saejax.data.synthetic import BLOCK, SyntheticSource, max_cosine_per_feature, mmcs
+
+from host_slices import host_rows  # tests/host_slices.py
+
+
+def recovered_fraction(decoder, true_features, threshold: float = 0.9) -> float:
+    """Fraction of true features whose best-matching decoder row has cosine >= threshold."""
+    return float((max_cosine_per_feature(decoder, true_features) >= threshold).mean())
 
 # -- shared helpers -----------------------------------------------------------------------------
 

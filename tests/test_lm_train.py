@@ -22,7 +22,7 @@ tf = pytest.importorskip("transformers")
 from saejax.lm import load_lm  # noqa: E402
 from saejax.lm.model import LM, LMConfig  # noqa: E402
 from saejax.lm.save import save_hf  # noqa: E402
-from saejax.lm.train import (LMDataConfig, LMModelConfig, LMOptimConfig, LMRunConfig,  # noqa: E402
+from saejax.train.lm import (LMDataConfig, LMModelConfig, LMOptimConfig, LMRunConfig,  # noqa: E402
                              LMTrainConfig, batch_indices, load_lm_train_config, train_lm,
                              validate)
 from saejax.config import MeshConfig  # noqa: E402

@@ -12,10 +12,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from saejax.atomic import sha256_file
-from saejax.data.source import ActivationSource, host_rows
-from saejax.data.store import (MANIFEST, MARKER, PROGRESS, ActivationStore, harvest_to_store,
-                               read_store_manifest)
+from saejax.atomic import MANIFEST, MARKER, sha256_file
+from saejax.data.source import ActivationSource
+from saejax.data.store import ActivationStore, read_store_manifest
+from saejax.data.store_writer import PROGRESS, harvest_to_store
+
+from host_slices import host_rows  # tests/host_slices.py
 
 VOCAB, CTX, BOS = 40, 6, 1
 D_RESID, D_MLP = 8, 12

@@ -30,7 +30,8 @@ from saejax import cli
 from saejax.checkpoint import Checkpointer
 from saejax.config import Config, ConfigError, MeshConfig, from_dict, load_config, save_config
 from saejax.data.npy import NpySource
-from saejax.export import load_saelens, saelens_decode, saelens_encode
+from saejax.export import load_saelens
+from saelens_numpy import saelens_decode, saelens_encode
 from saejax.sharding import make_mesh
 from saejax.train.loop import check_resumable, train
 from saejax.train.step import StepContract
@@ -42,7 +43,7 @@ TIMEOUT = 300  # seconds for any one subprocess run (they take ~10-30 s)
 # resampling events (steps 18 and 36) that do resample features (high lr and λ kill some).
 REF_ARGS = [
     "sae.arch=relu", "sae.d_in=16", "sae.n_features=64", "sae.scale_inputs=true",
-    "sae.l1_coefficient=2", "optim.lr=0.01", "data.n_true_features=16", "data.p_active=0.05",
+    "sae.relu.l1_coefficient=2", "optim.lr=0.01", "data.n_true_features=16", "data.p_active=0.05",
     "train.steps=60", "train.batch_size=64", "train.log_every=5", "train.checkpoint_every=10",
     "train.async_checkpointing=true", "train.keep_checkpoints=3", "train.progress=false",
     "resample.at_fractions=[0.3,0.6]", "resample.window_steps=5", "resample.n_inputs=1024",
@@ -278,7 +279,7 @@ def test_recovers_ground_truth_features(tmp_path):
     from saejax.data.synthetic import SyntheticSource, mmcs
 
     cfg = load_config(None, [
-        "sae.d_in=32", "sae.n_features=128", "sae.l1_coefficient=5e-3",
+        "sae.d_in=32", "sae.n_features=128", "sae.relu.l1_coefficient=5e-3",
         "data.n_true_features=64", "data.p_active=0.03", "optim.decay=constant",
         "train.steps=800", "train.batch_size=512", "train.log_every=100",
         "train.checkpoint_every=800", "resample.enabled=false", f"train.run_dir={tmp_path}"])
@@ -304,7 +305,7 @@ RESAMPLE_AT, WINDOW = 100, 20
 def _dead_feature_run(run_dir: Path, resample: bool) -> list[dict]:
     """256 latents for 16 true features with a large λ: about half die by step 100."""
     cfg = load_config(None, [
-        "sae.d_in=16", "sae.n_features=256", "sae.l1_coefficient=0.2",
+        "sae.d_in=16", "sae.n_features=256", "sae.relu.l1_coefficient=0.2",
         "data.n_true_features=16", "data.p_active=0.05", "optim.decay=constant",
         "train.steps=120", "train.batch_size=256", "train.log_every=10",
         "train.checkpoint_every=1000", f"resample.enabled={str(resample).lower()}",
@@ -412,10 +413,10 @@ def test_resume_with_changed_config_names_the_key(tmp_path, capsys):
     ckpt_before = sorted(os.listdir(run_dir / "checkpoints"))
     saved_before = (run_dir / "config.yaml").read_text()
 
-    rc = cli.main(["train", "--quiet", *base, "sae.l1_coefficient=0.5"])
+    rc = cli.main(["train", "--quiet", *base, "sae.relu.l1_coefficient=0.5"])
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert "config error" in err and "sae.l1_coefficient: 0.004 -> 0.5" in err, err
+    assert "config error" in err and "sae.relu.l1_coefficient: 0.004 -> 0.5" in err, err
     assert (run_dir / "config.yaml").read_text() == saved_before  # nothing was touched
     assert sorted(os.listdir(run_dir / "checkpoints")) == ckpt_before
 
@@ -456,7 +457,7 @@ def test_bad_override_from_the_command_line(tmp_path):
 
 def test_saved_config_round_trips_for_resume(tmp_path):
     """check_resumable compares against config.yaml as saved: floats like 1e-5 must survive."""
-    cfg = load_config(None, ["optim.lr=1e-5", "sae.l1_coefficient=4e-3", "optim.eps=1e-8",
+    cfg = load_config(None, ["optim.lr=1e-5", "sae.relu.l1_coefficient=4e-3", "optim.eps=1e-8",
                              f"train.run_dir={tmp_path}"])
     save_config(cfg, tmp_path / "config.yaml")
     check_resumable(yaml.safe_load((tmp_path / "config.yaml").read_text()), cfg)
@@ -466,13 +467,13 @@ def test_saved_config_round_trips_for_resume(tmp_path):
 
 
 def test_resumed_metrics_drop_a_torn_last_line_and_the_old_summary(tmp_path):
-    from saejax.train.metrics import MetricsLogger
+    from saejax.train.runner import MetricsFile
 
     lines = [json.dumps({"step": s, "loss": 1.0}) for s in (5, 10, 15)]
     lines.append(json.dumps({"step": 15, "event": "summary", "mse": 0.1}))
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 20, "lo')
-    MetricsLogger(tmp_path, batch_size=8, log_every=5, dead_window_steps=4, total_steps=20,
-                  start_step=10, tensorboard=False, progress=False).close()
+    with MetricsFile(tmp_path, start_step=10, total_steps=20):
+        pass
     assert [r["step"] for r in read_metrics(tmp_path)] == [5, 10]
 
 

@@ -56,7 +56,7 @@ def main() -> None:
 
     from saejax.config import load_config
     from saejax.data.harvest import harvest
-    from saejax.lm.train import load_lm_train_config, train_lm
+    from saejax.train.lm import load_lm_train_config, train_lm
     from saejax.text.corpus import Corpus
     from saejax.text.tokenizer import load_tokenizer, train_bpe
     from saejax.text.tokens import write_token_dataset
@@ -116,8 +116,8 @@ def sae_overrides(args, acts: Path, run_dir: Path, n_features: int, seed: int) -
     resampling at 25/50/75% of training with a window of 1/8 of it (the paper's proportions)."""
     return [
         "data.source=store", f"data.store_path={acts}", f"data.site={SITE}", "sae.d_in=512",
-        f"sae.n_features={n_features}", f"sae.l1_coefficient={args.l1}",
-        "sae.scale_inputs=true", f"sae.l1_warmup_steps={args.sae_steps // 20}",
+        f"sae.n_features={n_features}", f"sae.relu.l1_coefficient={args.l1}",
+        "sae.scale_inputs=true", f"sae.relu.l1_warmup_steps={args.sae_steps // 20}",
         f"train.steps={args.sae_steps}", f"train.batch_size={args.sae_batch}",
         f"train.seed={seed}", f"train.run_dir={run_dir}", "optim.lr=1e-3",
         "resample.at_fractions=[0.25,0.5,0.75]", f"resample.window_steps={args.sae_steps // 8}",

@@ -20,8 +20,8 @@ from saejax.config import load_config
 from saejax.train.loop import train
 
 ARCHS = {  # the family's own sparsity knob, set so that L0 is near the true L0 (5.1) or clearly above
-    "relu": ["sae.arch=relu", "sae.l1_coefficient=4e-3"],
-    "topk": ["sae.arch=topk", "sae.k=8", "sae.k_aux=32", "sae.dead_tokens_aux=200000"],
+    "relu": ["sae.arch=relu", "sae.relu.l1_coefficient=4e-3"],
+    "topk": ["sae.arch=topk", "sae.topk.k=8", "sae.topk.k_aux=32", "sae.topk.dead_tokens_aux=200000"],
 }
 
 

@@ -1,8 +1,19 @@
-"""Activation sources (host-side) behind one interface, see `saejax.data.source`."""
+"""Activation sources behind one interface: host-side sources (`saejax.data.source`) and the
+on-the-fly feed, both served to the training loop as a `saejax.data.provider.BatchProvider`."""
 
 from __future__ import annotations
 
 from saejax.config import Config, ConfigError
+
+
+def make_provider(cfg: Config, mesh):
+    """The training loop's batch provider for cfg.data: the on-the-fly feed for source=lm (LM
+    activations computed on the devices), else the host-side source read per process."""
+    if cfg.data.source == "lm":
+        from saejax.data.onthefly import make_feed
+        return make_feed(cfg, mesh)
+    from saejax.data.provider import HostProvider
+    return HostProvider(make_source(cfg), mesh, cfg.train.batch_size)
 
 
 def make_source(cfg: Config):
@@ -18,7 +29,7 @@ def make_source(cfg: Config):
                                   correlated_groups=d.correlated_groups, seed=d.seed)
         elif d.source == "lm":  # computed on the devices: needs the mesh
             raise ConfigError("it is computed on the devices, not a host-side source: use "
-                              "saejax.data.onthefly.make_feed(cfg, mesh)")
+                              "saejax.data.make_provider(cfg, mesh)")
         elif d.source == "store":
             from saejax.data.store import ActivationStore
             src = ActivationStore(d.store_path, d.site or None, seed=d.seed)

@@ -2,7 +2,7 @@
 
 The one place where the LM side meets the store: load the model (`saejax.lm.load_lm`), check the
 sites, compile the early-stopping capture forward (`saejax.lm.cache_fn`) and hand it to
-`saejax.data.store.harvest_to_store`, which shards, checksums and resumes.
+`saejax.data.store_writer.harvest_to_store`, which shards, checksums and resumes.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def harvest(lm_path: str | os.PathLike, tokens_path: str | os.PathLike,
     """Run the LM at `lm_path` over every context of the token dataset at `tokens_path` and store
     the activations at `sites` in `out_dir` (only its first `max_contexts` contexts if given);
     returns the store manifest. Re-running after an interruption continues where it stopped."""
-    from saejax.data.store import harvest_to_store
+    from saejax.data.store_writer import harvest_to_store
     from saejax.lm import cache_fn, load_lm
     from saejax.text.tokens import TokenDataset
 

@@ -7,7 +7,7 @@ an epoch:
 
     global row index   g     = step * batch_size + i        (i = row within the global batch)
     epoch              e     = g // N
-    table row                = perm_e[g % N]                 perm_e: permutation of N seeded by (seed, e)
+    table row                = perm_e[g % N]                 perm_e: seeded permutation of N
 
 so every epoch visits every row exactly once, in a fresh order, and the rows of a step are a pure
 function of (step, batch_size, seed): a resumed run, or another process reading its own slice,
@@ -17,17 +17,16 @@ sees exactly the same data. Only the pages of the requested rows are read from d
 from __future__ import annotations
 
 import os
-import threading
 from typing import Callable
 
 import numpy as np
 
+from saejax.data.order import epoch_order
 from saejax.data.source import check_row_request, check_sample_request
 from saejax.files import expand_paths
 
 # Second word of every seed, so the epoch permutations and sample() never share a stream.
 _EPOCH_STREAM, _SAMPLE_STREAM = 0, 1
-_CACHED_EPOCHS = 2  # a batch can straddle one epoch boundary (more only if batch_size > N)
 
 
 def open_shard(path: str) -> np.ndarray:
@@ -70,8 +69,6 @@ class ShuffledTable:
             raise ValueError("the table holds no rows")
         self._ends = np.cumsum(lengths)
         self._starts = self._ends - lengths
-        self._perms: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()  # rows() runs in the prefetch thread, sample() in the main one
 
     # -- the ActivationSource interface -------------------------------------------------------
 
@@ -86,33 +83,16 @@ class ShuffledTable:
         rng = np.random.default_rng([self.seed, _SAMPLE_STREAM, seed])
         return self.gather(rng.choice(self.n_rows, size=n, replace=n > self.n_rows))
 
+    def summary_metrics(self, decoder) -> dict:
+        """No ground truth to compare a trained decoder with."""
+        return {}
+
     # -- the shuffle ---------------------------------------------------------------------------
 
     def table_rows(self, step: int, start: int, stop: int, batch_size: int) -> np.ndarray:
         """Indices into the concatenated table of rows [start, stop) of step `step`'s batch."""
         g = step * batch_size + np.arange(start, stop, dtype=np.int64)
-        epoch, pos = np.divmod(g, self.n_rows)
-        out = np.empty(len(g), np.int64)
-        for e in np.unique(epoch):
-            here = epoch == e
-            out[here] = self.epoch_permutation(int(e))[pos[here]]
-        return out
-
-    def epoch_permutation(self, epoch: int) -> np.ndarray:
-        """The order in which epoch `epoch` visits the N table rows (cached: drawing it is O(N)).
-
-        Shuffling an int32 arange in place gives the same order as rng.permutation(N) at half
-        the memory, which matters for tables of 10^8+ rows."""
-        with self._lock:
-            perm = self._perms.get(epoch)
-            if perm is None:
-                dtype = np.int32 if self.n_rows < 2**31 else np.int64
-                perm = np.arange(self.n_rows, dtype=dtype)
-                np.random.default_rng([self.seed, _EPOCH_STREAM, epoch]).shuffle(perm)
-                self._perms[epoch] = perm
-                while len(self._perms) > _CACHED_EPOCHS:
-                    del self._perms[min(self._perms)]
-            return perm
+        return epoch_order(g, self.n_rows, lambda e: (self.seed, _EPOCH_STREAM, e))
 
     # -- reading --------------------------------------------------------------------------------
 

@@ -33,8 +33,7 @@ per block per batch. So every harvested row is served exactly once (but the unus
 last harvest), every batch mixes two harvests (~2H/R contexts), and at the start of cycle c the
 slot of harvest c-2 (fully served) is refilled with harvest c: refill half, serve half. The
 buffer holds at most two harvests, so the buffer at any step is a function of the step:
-`seek(step)` rebuilds it with two harvests, and a resumed run needs no saved buffer at all
-(`state()` / `restore()` save and reload it instead, for LMs too expensive to re-run).
+`seek(step)` rebuilds it with two harvests, and a resumed run needs no saved buffer at all.
 
 Overlap. JAX dispatches asynchronously: `batch(step)` dispatches the refill (LM forward, write,
 shuffle) when a cycle starts and then the batch's slice, and returns at once; the host reads
@@ -57,7 +56,6 @@ shuffle's temporaries (2 x H x d), all sharded over `data`. LM parameters follow
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Literal, Sequence
 
@@ -66,9 +64,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from saejax import sharding
+from saejax.data.order import epoch_order
 from saejax.hashmix import mix32
 
 HarvestFn = Callable[[Any, jax.Array], jax.Array]
@@ -165,13 +164,6 @@ class Geometry:
 # ---------------------------------------------------------------- host side: which contexts
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    perm = np.random.default_rng([seed, epoch, 0x6F74]).permutation(n)
-    perm.flags.writeable = False
-    return perm
-
-
 class _Contexts:
     """A [N, ctx_len] int array with TokenDataset's take/len/ctx_len/bos_id."""
 
@@ -195,12 +187,7 @@ def context_ids(q: np.ndarray, n: int, seed: int, shuffle: bool) -> np.ndarray:
     q = np.asarray(q, np.int64)
     if not shuffle:
         return q % n
-    epoch, i = np.divmod(q, n)
-    out = np.empty_like(q)
-    for e in np.unique(epoch):
-        where = epoch == e
-        out[where] = _epoch_permutation(seed, int(e), n)[i[where]]
-    return out
+    return epoch_order(q, n, lambda e: (seed, e, 0x6F74))
 
 
 # ---------------------------------------------------------------- shuffling
@@ -218,8 +205,7 @@ def shuffle_key(seed: int, h: jax.Array) -> jax.Array:
 
 @struct.dataclass
 class FeedState:
-    """Everything `OnTheFlyFeed` carries across steps, as a pytree of jax.Arrays (Orbax-savable
-    next to TrainState; `OnTheFlyFeed.abstract_state()` is its restore target)."""
+    """Everything `OnTheFlyFeed` carries across steps, on the devices."""
 
     slots: jax.Array
     """[2, H, d] (buffer dtype), rows over `data`: slot h % 2 holds shuffled harvest h."""
@@ -263,9 +249,8 @@ class OnTheFlyFeed:
         contexts.bos_id). seed: context order and shuffles. dtype: buffer dtype (batches are
         served as float32).
 
-    Use: `batch(step)` for consecutive steps (another step seeks: two harvests);
-    `sample(n, seed)` for statistics; `state()` / `restore()` to save the buffer instead of
-    re-harvesting on resume.
+    A `saejax.data.provider.BatchProvider`: `batch(step)` for consecutive steps (another step
+    seeks: two harvests), `batches(start, stop)` for the loop, `sample(n, seed)` for statistics.
     """
 
     def __init__(self, harvest_fn: HarvestFn, params: Any, contexts, mesh: Mesh, *,
@@ -293,7 +278,7 @@ class OnTheFlyFeed:
         self.dtype = jnp.dtype(dtype)
         g = Geometry(batch_size, buffer_size, blocks, int(contexts.ctx_len), int(bool(drop_bos)),
                      lm_batch_contexts)
-        g.check(mesh.shape["data"])
+        g.check(sharding.axis_size(mesh, "batch"))
         self.geometry = g
         self.harvest_fn = harvest_fn
 
@@ -308,11 +293,11 @@ class OnTheFlyFeed:
                              f"{out.shape}")
         self.d_in: int = int(out.shape[2])
 
-        self.slots_sharding = NamedSharding(mesh, P(None, "data", None))
+        self.slots_sharding = sharding.named(mesh, (None, "batch", None))
         self.batch_sharding = sharding.batch_sharding(mesh)
         self._rep = rep
-        self._blocks_sh = NamedSharding(mesh, P("data"))  # leading axis of [V, ...] or [b, ...]
-        self.state_shardings = FeedState(slots=self.slots_sharding, step=rep, harvest=rep)
+        self._blocks_sh = sharding.named(mesh, ("batch",))  # leading axis of [V, ...] or [b, ...]
+        self._chunks_sh = sharding.named(mesh, (None, "batch", None))  # [n_chunks, b, T]
         self._build()
         self._st: FeedState | None = None
         self._next = -1  # host copy of _st.step; -1 = nothing harvested yet
@@ -342,7 +327,7 @@ class OnTheFlyFeed:
                               g.n_chunks)
         b = V * k  # contexts per LM call in a refill
         dtype, drop, seed, harvest_fn = self.dtype, g.drop, self.seed, self.harvest_fn
-        data = lambda *rest: NamedSharding(self.mesh, P("data", *rest))  # noqa: E731
+        data = lambda *rest: sharding.named(self.mesh, ("batch", *rest))  # noqa: E731
         wsc = jax.lax.with_sharding_constraint
 
         def lm_rows(params, tokens):
@@ -407,8 +392,7 @@ class OnTheFlyFeed:
                                out_shardings=ssh, donate_argnums=(1,))
         self._serve = jax.jit(serve, in_shardings=(ssh, rep),
                               out_shardings=(self.batch_sharding, rep))
-        chunks = NamedSharding(self.mesh, P(None, "data", None))  # [n_chunks, b, T]
-        self._sample = jax.jit(sample, static_argnums=(2,), in_shardings=(psh, chunks),
+        self._sample = jax.jit(sample, static_argnums=(2,), in_shardings=(psh, self._chunks_sh),
                                out_shardings=self.batch_sharding)
         self._zeros = jax.jit(lambda: jnp.zeros((2, H, d), dtype), out_shardings=ssh)
 
@@ -494,54 +478,25 @@ class OnTheFlyFeed:
         """The loop's view: `.next()` returns the batches of steps start, start+1, ..."""
         return FeedBatches(self, start, stop)
 
-    def state(self) -> FeedState:
-        """The current state (buffer + position), for a checkpoint. Its slots are donated by
-        the next refill: save (Orbax copies to host before returning) before the next batch."""
-        if self._st is None:
-            self.seek(0)
-        return self._st
-
-    def abstract_state(self) -> FeedState:
-        """Shapes, dtypes and shardings of `state()`: the Orbax restore target."""
-        g = self.geometry
-        return FeedState(
-            slots=jax.ShapeDtypeStruct((2, g.half, self.d_in), self.dtype,
-                                       sharding=self.slots_sharding),
-            step=jax.ShapeDtypeStruct((), jnp.int32, sharding=self._rep),
-            harvest=jax.ShapeDtypeStruct((), jnp.int32, sharding=self._rep))
-
-    def restore(self, state: FeedState) -> int:
-        """Continue from a saved state (any mesh; reads two scalars); returns its step."""
-        want = self.abstract_state()
-        if state.slots.shape != want.slots.shape or state.slots.dtype != want.slots.dtype:
-            raise ValueError(f"saved buffer {state.slots.shape} {state.slots.dtype} does not "
-                             f"match this feed's {want.slots.shape} {want.slots.dtype}")
-        step, held = (int(x) for x in jax.device_get((state.step, state.harvest)))
-        if not (held == self.geometry.newest(step) or held == self.geometry.newest(step) - 1):
-            raise ValueError(f"saved state at step {step} holds harvest {held}, which that step "
-                             f"cannot be served from")
-        self._st = jax.tree.map(_put, state, self.state_shardings)
-        self._next, self._held = step, held
-        self._pending.clear()
-        self._send(held + 1)
-        return step
-
     def sample(self, n: int, seed: int) -> jax.Array:
         """n rows [n, d] float32 sharded over `data` (n a multiple of its size) for statistics
         (geometric median, input scale, resampling, evaluation): all positions (BOS dropped) of
         ceil(n/R) contexts drawn with numpy seeded by `seed` (without replacement when the
         dataset has enough), deterministic in (seed, n) and independent of the mesh."""
-        g = self.geometry
-        if n < 1 or n % self.mesh.shape["data"]:
+        g, n_data = self.geometry, sharding.axis_size(self.mesh, "batch")
+        if n < 1 or n % n_data:
             raise ValueError(f"sample size n={n} must be a positive multiple of the data axis "
-                             f"({self.mesh.shape['data']})")
+                             f"({n_data})")
         b = g.lm_batch_contexts
         m = -(-(-(-n // g.rows_per_context)) // b) * b
         rng = np.random.default_rng([seed, 0x73616D70])
         ids = rng.choice(self.n_contexts, m, replace=m > self.n_contexts)
         tokens = self._tokens(ids).reshape(m // b, b, g.ctx_len)
-        return self._sample(self.params,
-                            _put(tokens, NamedSharding(self.mesh, P(None, "data", None))), n)
+        return self._sample(self.params, _put(tokens, self._chunks_sh), n)
+
+    def summary_metrics(self, decoder: jax.Array) -> dict:
+        """No ground truth to compare a trained decoder with."""
+        return {}
 
     def describe(self) -> dict:
         """JSON-able summary (for run metadata and logs)."""
@@ -558,8 +513,8 @@ class OnTheFlyFeed:
 
 class FeedBatches:
     """`Prefetcher`-shaped (next/close) view of a feed for the training loop. No thread: the
-    feed's work is async device dispatch already, and a producer running ahead of the loop
-    would donate the buffer a checkpoint may still want."""
+    feed's work is async device dispatch already, and dispatching it from the loop's thread
+    keeps refills (which donate the buffer) in order with the steps that read it."""
 
     def __init__(self, feed: OnTheFlyFeed, start: int, stop: int):
         self.feed, self.step, self.stop = feed, start, stop
@@ -607,5 +562,5 @@ def make_feed(cfg, mesh: Mesh) -> OnTheFlyFeed:
     return feed
 
 
-__all__: Sequence[str] = ["FeedBatches", "FeedState", "Geometry", "OnTheFlyFeed",
+__all__: Sequence[str] = ["FeedBatches", "Geometry", "OnTheFlyFeed",
                           "context_ids", "lm_param_shardings", "make_feed"]

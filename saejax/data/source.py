@@ -1,9 +1,10 @@
-"""The one interface every activation source implements, and the per-process slicing helper.
+"""The one interface every host-side activation source implements, and its argument checks.
 
-Sources live on the host and speak numpy. The training loop never iterates a source: it asks
-for the rows of step `step`, so the data position is a pure function of the step. That is what
-makes checkpoint resume exact (no iterator state to save) and what lets each process of a
-multi-host run read only the rows it feeds to its own devices.
+Sources live on the host and speak numpy. The training loop never iterates a source: its
+batch provider (`saejax.data.provider.HostProvider`) asks for the rows of step `step`, so the
+data position is a pure function of the step. That is what makes checkpoint resume exact (no
+iterator state to save) and what lets each process of a multi-host run read only the rows it
+feeds to its own devices.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ class ActivationSource(Protocol):
         deterministic in seed, drawn from the same distribution as training rows."""
         ...
 
+    def summary_metrics(self, decoder) -> dict:
+        """Ground-truth metrics of a trained decoder [F, d_in] (a global jax.Array) for the
+        run's final summary, e.g. MMCS for synthetic data; {} for sources without ground truth.
+        Every process calls it (reading a sharded decoder back may be a collective)."""
+        ...
+
 
 def check_row_request(step: int, start: int, stop: int, batch_size: int) -> None:
     """Reject a `rows` request outside the global batch, naming the offending argument.
@@ -56,22 +63,3 @@ def check_sample_request(n: int, seed: int) -> None:
         raise ValueError(f"sample size n must be >= 0, got {n}")
     if seed < 0:
         raise ValueError(f"sample seed must be >= 0, got {seed}")
-
-
-def host_rows(source: ActivationSource, step: int, batch_size: int,
-              process_index: int, process_count: int) -> np.ndarray:
-    """The contiguous slice of step `step`'s global batch that process `process_index` owns.
-
-    Process p gets rows [p*b, (p+1)*b) with b = batch_size / process_count, matching the order in
-    which `jax.make_array_from_process_local_data` lays process-local rows along the data axis."""
-    if process_count < 1:
-        raise ValueError(f"process_count must be >= 1, got {process_count}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(
-            f"process_index={process_index} is outside [0, process_count={process_count})")
-    if batch_size % process_count:
-        raise ValueError(
-            f"batch_size={batch_size} must be divisible by the number of processes "
-            f"({process_count})")
-    per = batch_size // process_count
-    return source.rows(step, process_index * per, (process_index + 1) * per, batch_size)

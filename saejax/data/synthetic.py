@@ -40,6 +40,7 @@ import numpy as np
 import scipy.sparse
 
 from saejax.data.source import check_row_request, check_sample_request
+from saejax.sharding import to_host
 
 BLOCK = 256
 """Rows per independently seeded block; part of the data definition (changing it changes data)."""
@@ -114,6 +115,10 @@ class SyntheticSource:
         check_sample_request(n, seed)
         codes = self._codes_for_range([self.seed, _SAMPLE_STREAM, seed], 0, n, n)
         return self._decode(codes)
+
+    def summary_metrics(self, decoder) -> dict:
+        """MMCS of a trained decoder [F, d_in] against the ground-truth features."""
+        return {"mmcs": mmcs(to_host(decoder), self.features)}
 
     # -- ground truth, for tests and analysis ---------------------------------------------------
 
@@ -335,12 +340,6 @@ def mmcs(decoder: np.ndarray, true_features: np.ndarray) -> float:
     do not matter); it is not penalised by extra or duplicate latents. A random Gaussian decoder
     scores a little under sqrt(2 ln F / d) (about 0.35 for F=256, d=64)."""
     return float(max_cosine_per_feature(decoder, true_features).mean())
-
-
-def recovered_fraction(decoder: np.ndarray, true_features: np.ndarray,
-                       threshold: float = 0.9) -> float:
-    """Fraction of true features whose best-matching decoder row has cosine >= threshold."""
-    return float((max_cosine_per_feature(decoder, true_features) >= threshold).mean())
 
 
 def _unit_rows(w: np.ndarray) -> np.ndarray:

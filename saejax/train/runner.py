@@ -1,0 +1,242 @@
+"""The plumbing both trainers share: `saejax.train.loop` (SAEs) and `saejax.train.lm` (LMs).
+
+A run directory holds config.yaml, metrics.jsonl, checkpoints/ (and tensorboard/). Each trainer
+checks a resumed run against its saved config and writes config.yaml (`prepare_run_dir`),
+compiles its step ahead of time and logs the compiler's memory analysis before step 1
+(`compile_step`, `start_record`), restores the newest checkpoint or starts fresh, dispatches
+steps a bounded number ahead (`Runner.loop`), reads metrics back on log steps only
+(`read_back`, which stops a run whose loss became NaN/Inf), refuses to checkpoint a NaN/Inf state
+(`Runner.save`) and writes metrics.jsonl (`MetricsFile`). The data position is a pure function
+of the step, so the checkpointed state is all a resumed run needs.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from saejax import config as config_lib
+from saejax.atomic import write_text_atomic
+from saejax.checkpoint import Checkpointer
+from saejax.errors import NonFiniteLossError
+from saejax.sharding import to_host
+
+MAX_STEPS_IN_FLIGHT = 3
+"""Steps dispatched beyond the newest finished one. The loop waits for step n-3 to finish before
+dispatching step n (it reads nothing back, so accelerators stay busy). Unbounded async dispatch
+deadlocks the CPU backend's collectives once many multi-device steps are queued (seen with 8 fake
+CPU devices: "Expected 8 threads to join the rendezvous"); the bound also caps queued batches."""
+
+
+def prepare_run_dir(run_dir: Path, cfg: Any, resumable: set[str]) -> None:
+    """Create run_dir; refuse it if it holds a run whose config.yaml differs from the config
+    dataclass `cfg` outside the `resumable` fields; write config.yaml (process 0, atomically:
+    the other processes of the run read it concurrently)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    if path.exists():
+        saved = yaml.safe_load(path.read_text()) or {}
+        config_lib.check_same_run(saved, cfg, resumable, run_dir)
+    if jax.process_index() == 0:
+        config_lib.save_config(cfg, path)
+
+
+def compile_step(step_fn, *abstract_args) -> tuple[Callable, Any]:
+    """`step_fn` (a jitted function) compiled ahead of time for these abstract arguments
+    (ShapeDtypeStructs carrying their shardings), and its memory analysis (None where the
+    backend gives none)."""
+    compiled = step_fn.lower(*abstract_args).compile()
+    try:
+        memory = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        memory = None
+    return compiled, memory
+
+
+def start_record(mesh, params, tokens_per_step: int, memory) -> dict:
+    """The first record of metrics.jsonl: model size, devices and the step's temporary memory.
+    Written when a run starts from step 0 only, so a resumed run's metrics.jsonl is the same
+    as that of a run never interrupted."""
+    return {"step": 0, "event": "start",
+            "n_params": n_params(params),
+            "tokens_per_step": tokens_per_step, "devices": int(mesh.devices.size),
+            "step_temp_bytes": getattr(memory, "temp_size_in_bytes", None)}
+
+
+def n_params(params) -> int:
+    """Number of parameters (array elements) in a pytree."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def due(done: int, every: int, last: int) -> bool:
+    """Whether a periodic action (log, checkpoint) runs after `done` steps of a run ending at
+    `last`: every `every` steps, and at the end."""
+    return done % every == 0 or done == last
+
+
+# ---------------------------------------------------------------- NaN/Inf
+
+
+def read_back(state, *trees) -> list:
+    """`trees` on the host, read in one transfer with `state.nonfinite_step`; raises
+    NonFiniteLossError if a loss so far was NaN/Inf. A collective in multi-process runs."""
+    *values, bad = to_host((*trees, state.nonfinite_step))
+    if bad >= 0:  # the 0-based index of the bad step; metrics.jsonl counts from 1 (steps done)
+        raise NonFiniteLossError(f"loss became NaN/Inf at step {int(bad) + 1}")
+    return values
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+# ---------------------------------------------------------------- checkpoints and the loop
+
+
+class Runner:
+    """A run's checkpoints (`Checkpointer` under run_dir/checkpoints) and its step loop. A context
+    manager: leaving it waits for pending saves and closes the checkpointer."""
+
+    def __init__(self, run_dir: Path, *, keep: int, async_save: bool):
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.ckpt = Checkpointer(self.ckpt_dir, keep=keep, async_save=async_save)
+
+    def restore(self, abstract_state) -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of the newest good checkpoint, laid out as `abstract_state`."""
+        return self.ckpt.restore_latest(abstract_state)
+
+    def save(self, step: int, state, meta: dict) -> None:
+        """Checkpoint `state` (with `step` as its data position), unless a loss so far was NaN/Inf
+        or the parameters or optimizer state hold one: then NonFiniteLossError, nothing saved."""
+        (finite,) = read_back(state, _all_finite((state.params, state.opt_state)))
+        if not finite:  # a finite loss whose update overflowed: the next loss is NaN
+            raise NonFiniteLossError(f"parameters became NaN/Inf at step {step}")
+        self.ckpt.save(step, state, {**meta, "step": step, "data_position": step})
+
+    def loop(self, state, step_fn, batches, start: int, stop: int,
+             on_step: Callable[[int, Any, dict], Any]):
+        """Run steps start..stop-1 on `batches` (next/close); after each, `on_step(done, state,
+        metrics) -> state` does the trainer's host work (log, resample, evaluate, `save`).
+        Returns the final state once every save is committed. A NaN/Inf stops the run naming
+        the last good checkpoint."""
+        in_flight: collections.deque = collections.deque()
+        try:
+            for step in range(start, stop):
+                state, metrics = step_fn(state, batches.next())
+                in_flight.append(jax.tree.leaves(metrics)[0])  # metrics are not donated, state is
+                if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+                    in_flight.popleft().block_until_ready()
+                state = on_step(step + 1, state, metrics)
+            self.ckpt.wait()
+        except NonFiniteLossError as e:
+            self.ckpt.wait()
+            raise NonFiniteLossError(
+                f"{e}; stopped without saving. Last good checkpoint: "
+                f"{self.ckpt.latest_step()} in {self.ckpt_dir}") from None
+        finally:
+            batches.close()
+        return state
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.ckpt.wait()
+        self.ckpt.close()
+
+
+# ---------------------------------------------------------------- metrics.jsonl
+
+
+class MetricsFile:
+    """run_dir/metrics.jsonl (written by process 0), optional TensorBoard scalars, a progress bar.
+
+    A resumed run first drops what it will write again (`start_step`). A context manager that
+    closes the bar and TensorBoard writer."""
+
+    def __init__(self, run_dir: Path, *, start_step: int, total_steps: int,
+                 tensorboard: bool = False, progress: bool = False):
+        self.path = run_dir / "metrics.jsonl"
+        self.is_main = jax.process_index() == 0
+        if self.is_main:
+            self._truncate_after(start_step)
+        self.tb = self.bar = None
+        if tensorboard and self.is_main:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if progress and self.is_main:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep the records up to `step` but the final summary (re-written at the end), and drop
+        a last line cut short by a killed process."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a partial line: the process died while appending it
+            if record["step"] <= step and record.get("event") != "summary":
+                keep.append(line)
+        write_text_atomic(self.path, "".join(line + "\n" for line in keep))
+
+    def write(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and math.isfinite(v) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def show(self, step: int, **postfix: str) -> None:
+        """Move the progress bar to `step`, with these values beside it."""
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(**postfix)
+
+    def __enter__(self) -> "MetricsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Throughput:
+    """Tokens per second over windows of steps, and their mean over the whole run."""
+
+    def __init__(self, step: int, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.steps, self.seconds = 0, 0.0
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        """Start a window at `step` now (the time since the last one is not counted)."""
+        self._step, self._t0 = step, time.perf_counter()
+
+    def rate(self, step: int) -> float:
+        """Tokens per second of the window ending at `step`, which starts the next window."""
+        n, dt = step - self._step, time.perf_counter() - self._t0
+        self.steps, self.seconds = self.steps + n, self.seconds + dt
+        self.restart(step)
+        return n * self.tokens_per_step / max(dt, 1e-9)
+
+    def mean(self) -> float | None:
+        return self.steps * self.tokens_per_step / self.seconds if self.seconds else None
