@@ -1,10 +1,31 @@
-"""`saejax <command>`: train, export, train-lm, tokenize, harvest, eval, analyze, browse, compare."""
+"""`saejax <command>`: train, export, train-lm, tokenize, harvest, eval, analyze, browse, compare,
+config.
+
+A user's mistake never ends in a traceback: every saejax error, and the OSError/ValueError a bad
+path or value raises, is printed as one line `saejax: <kind>: <message>` (exit 2; 3 when a
+loss became NaN/Inf, 4 when no checkpoint restores, 130 on Ctrl-C). Commands check what they
+can before they write anything; the trainers record absolute data paths, so a run directory
+does not depend on the directory the command ran in.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import gc
+import json
 import os
+import re
+import signal
 import sys
+import threading
+from pathlib import Path
+
+import yaml
+
+README_REFERENCE = "the README's \"Config reference\" section (README.md)"
+INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 
 
 def _maybe_init_distributed() -> None:
@@ -18,93 +39,244 @@ def _maybe_init_distributed() -> None:
         )
 
 
-def cmd_train(args) -> int:
+# ---------------------------------------------------------------- the trainers
+
+
+def _sae_config(args):
+    """The SAE config of `train`/`config --show`, data paths and run_dir made absolute."""
     from saejax.config import load_config
+    from saejax.data import with_absolute_paths
 
-    cfg = load_config(args.config, args.overrides)  # config errors before any heavy import
-    from saejax.train.loop import train
+    return with_absolute_paths(load_config(args.config, args.overrides))
 
+
+def _lm_config(args):
+    """The LM config of `train-lm`/`config --show --lm`, local paths made absolute."""
+    from saejax.files import absolute_path
+    from saejax.train.lm import load_lm_train_config
+
+    cfg = load_lm_train_config(args.config, args.overrides)
+    d = cfg.data
+    tokenizer = absolute_path(d.tokenizer) if os.path.isdir(d.tokenizer) else d.tokenizer
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(d, tokens=absolute_path(d.tokens), tokenizer=tokenizer),
+        train=dataclasses.replace(cfg.train, run_dir=absolute_path(cfg.train.run_dir)))
+
+
+def _finished_summary(run_dir: str, steps: int, check) -> dict | None:
+    """The summary a finished run wrote for `steps` steps, or None when it is not finished. The
+    run's saved config is first checked against the command's (`check(saved)` raises), so a
+    different command is refused as it would be on resume."""
+    run_dir = Path(run_dir)
+    metrics, saved = run_dir / "metrics.jsonl", run_dir / "config.yaml"
+    if not (metrics.is_file() and saved.is_file() and (run_dir / "checkpoints").is_dir()):
+        return None
+    from saejax.typedconfig import read_yaml
+
+    check(read_yaml(saved, "the run's config"))
+    for line in reversed(metrics.read_text().splitlines()):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("event") == "summary":
+            return record if record.get("step") == steps else None
+    return None
+
+
+def _run_trainer(args, cfg, check, train, format_summary) -> int:
+    """Run `train(cfg)`, or only print the summary when the run has already finished."""
+    import jax
+
+    args.run_dir = cfg.train.run_dir  # for the Ctrl-C message
     _maybe_init_distributed()
-    train(cfg, quiet=args.quiet)
+    done = _finished_summary(cfg.train.run_dir, cfg.train.steps, check)
+    if done is None:
+        with _ctrl_c_outside_checkpointing():
+            train(cfg, quiet=args.quiet)  # prints its summary unless quiet
+    elif not args.quiet and jax.process_index() == 0:
+        print(f"run already complete at step {done['step']} in {cfg.train.run_dir}")
+        print(format_summary(done))
     return 0
+
+
+@contextlib.contextmanager
+def _ctrl_c_outside_checkpointing():
+    """Ctrl-C raises KeyboardInterrupt in the trainer's own code, never inside Orbax (which logs
+    the interrupted wait for a checkpoint write as an error with a traceback): while Orbax code is
+    running on the main thread, the signal is sent again a moment later."""
+    if (signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+            or threading.current_thread() is not threading.main_thread()):
+        yield  # SIGINT ignored (a background job) or handled by someone else: leave it so
+        return
+    active = True
+
+    def again() -> None:
+        if active:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def handler(signum, frame):
+        while frame is not None:
+            if frame.f_globals.get("__name__", "").startswith("orbax."):
+                threading.Timer(0.05, again).start()
+                return
+            frame = frame.f_back
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        active = False
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def cmd_train(args) -> int:
+    cfg = _sae_config(args)  # config errors before any heavy import
+    from saejax.train.loop import check_resumable, format_summary, train
+
+    return _run_trainer(args, cfg, lambda saved: check_resumable(saved, cfg), train,
+                        format_summary)
+
+
+def cmd_train_lm(args) -> int:
+    cfg = _lm_config(args)
+    from saejax.config import check_same_run
+    from saejax.train.lm import RESUMABLE_CHANGES, format_summary, train_lm
+
+    return _run_trainer(
+        args, cfg, lambda saved: check_same_run(saved, cfg, RESUMABLE_CHANGES, cfg.train.run_dir),
+        train_lm, format_summary)
+
+
+def _interrupted_at(run_dir: str | None) -> str:
+    """The Ctrl-C line of a trainer: the step its newest checkpoint holds (where the rerun
+    resumes). Leaving the trainer waited for checkpoint saves in flight."""
+    step = None
+    if run_dir and (Path(run_dir) / "checkpoints").is_dir():
+        try:
+            from saejax.checkpoint import Checkpointer
+
+            step = Checkpointer(Path(run_dir) / "checkpoints", read_only=True).latest_step()
+        except Exception:  # the hint must not fail: a damaged directory says no step
+            step = None
+    if step is None:
+        return ("interrupted before the first checkpoint; rerun the same command to resume "
+                "(it starts from step 0)")
+    return f"interrupted at step {step} (its last checkpoint); rerun the same command to resume"
+
+
+# ---------------------------------------------------------------- config
+
+
+def cmd_config(args) -> int:
+    """Print the effective config (defaults <- --config <- overrides), validated, as YAML."""
+    from saejax.typedconfig import to_dict
+
+    cfg = _lm_config(args) if args.lm else _sae_config(args)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _reference_rows(root: type) -> list[tuple[str, str, str]]:
+    """(field, default, meaning) of every field of a config tree, from the README's table."""
+    from saejax.typedconfig import config_reference
+
+    rows = []
+    for line in config_reference(root).splitlines()[2:]:
+        m = re.match(r"\| `(.+?)` \| `(.*)` \| (.*) \|$", line)
+        if m:
+            rows.append((m[1], m[2], m[3].replace(r"\|", "|")))
+    return rows
+
+
+def fields_help(root: type, command: str) -> str:
+    """The field listing of `saejax <command> --help`: every field, its default and the start of
+    its meaning, generated from the config dataclasses."""
+    rows = _reference_rows(root)
+    width = max(len(f"{name}={default}") for name, default, _ in rows)
+    room = max(100 - width - 4, 20)  # one line per field, the meaning cut to fit 100 columns
+    lines = ["fields (override as field=value; shown with their defaults):"]
+    for name, default, meaning in rows:
+        meaning = meaning if len(meaning) <= room else meaning[:room - 3].rstrip() + "..."
+        lines.append(f"  {f'{name}={default}'.ljust(width)}  {meaning}")
+    lm = " --lm" if command == "train-lm" else ""
+    return "\n".join([*lines, "", f"Every field in full: {README_REFERENCE}.",
+                      f"The effective config of a command line: saejax config --show{lm} "
+                      f"[--config FILE] [overrides...]"])
+
+
+def _sae_fields_help() -> str:
+    from saejax.config import Config
+
+    return fields_help(Config, "train")
+
+
+def _lm_fields_help() -> str:
+    from saejax.train.lm import LMTrainConfig
+
+    return fields_help(LMTrainConfig, "train-lm")
+
+
+# ---------------------------------------------------------------- data and export
 
 
 def cmd_export(args) -> int:
     from saejax.export import export_run
 
-    out = export_run(args.run_dir, args.out_dir)
+    out = export_run(args.run_dir, args.out_dir, overwrite=args.overwrite)
     print(f"wrote SAELens-format SAE to {out}")
-    return 0
-
-
-def cmd_train_lm(args) -> int:
-    from saejax.train.lm import load_lm_train_config, train_lm
-
-    cfg = load_lm_train_config(args.config, args.overrides)
-    _maybe_init_distributed()
-    train_lm(cfg, quiet=args.quiet)  # prints its summary unless quiet, as `train` does
     return 0
 
 
 def cmd_tokenize(args) -> int:
     """Text -> (optionally a freshly trained BPE) -> packed token contexts on disk."""
-    from saejax.config import ConfigError
     from saejax.text.corpus import Corpus
-    from saejax.text.tokenizer import load_tokenizer, train_bpe
-    from saejax.text.tokens import write_token_dataset
+    from saejax.text.tokenize import tokenize
 
-    if (args.tokenizer is None) == (args.train_bpe is None):
-        raise ConfigError("give exactly one of --tokenizer DIR_OR_ID and --train-bpe VOCAB_SIZE")
-    try:
-        corpus = Corpus(args.text, format=args.format, separator=args.separator,
-                        text_field=args.text_field, hf_name=args.hf_dataset, split=args.split)
-        if args.train_bpe is not None:
-            tok_dir = args.tokenizer_out or f"{args.out_dir}-tokenizer"
-            tok = train_bpe(corpus, args.train_bpe, tok_dir)
-            print(f"trained a {len(tok)}-token byte-level BPE in {tok_dir}")
-        else:
-            tok = load_tokenizer(args.tokenizer)
-        ds = write_token_dataset(corpus, tok, args.out_dir, ctx_len=args.ctx_len, bos=args.bos,
-                                 max_contexts=args.max_contexts, overwrite=args.overwrite,
-                                 source=corpus.describe(), progress=True)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(str(e)) from e
+    corpus = Corpus(args.text, format=args.format, separator=args.separator,
+                    text_field=args.text_field, hf_name=args.hf_dataset, split=args.split)
+    ds, tok_dir = tokenize(corpus, args.out_dir, tokenizer=args.tokenizer,
+                           train_bpe=args.train_bpe, tokenizer_out=args.tokenizer_out,
+                           ctx_len=args.ctx_len, bos=args.bos, max_contexts=args.max_contexts,
+                           overwrite=args.overwrite, progress=True)
+    if tok_dir is not None:
+        print(f"trained a {ds.vocab_size}-token byte-level BPE in {tok_dir}")
     print(f"wrote {len(ds)} contexts of {args.ctx_len} tokens to {args.out_dir}")
     return 0
 
 
 def cmd_harvest(args) -> int:
-    from saejax.config import ConfigError
     from saejax.data.harvest import harvest
 
-    try:
-        m = harvest(args.lm, args.tokens, args.out_dir, args.site, dtype=args.dtype,
-                    drop_bos=not args.keep_bos, max_contexts=args.max_contexts,
-                    contexts_per_shard=args.contexts_per_shard,
-                    batch_contexts=args.batch_contexts, overwrite=args.overwrite)
-    except ValueError as e:  # the store's argument and directory checks
-        raise ConfigError(str(e)) from e
-    print(f"stored {m['n_rows']} activation rows per site ({', '.join(m['sites'])}) in "
-          f"{args.out_dir}")
+    m = harvest(args.lm, args.tokens, args.out_dir, args.site, dtype=args.dtype,
+                drop_bos=not args.keep_bos, max_contexts=args.max_contexts,
+                holdout=args.holdout, contexts_per_shard=args.contexts_per_shard,
+                batch_contexts=args.batch_contexts, overwrite=args.overwrite)
+    print(f"stored {m['n_rows']} activation rows per site ({', '.join(m['sites'])}) of "
+          f"{m['n_contexts']} contexts in {args.out_dir}")
     return 0
 
 
-def _as_config_error(fn, *args, **kwargs):
-    """Run fn; bad paths and inputs (ValueError, FileNotFoundError, ...) become ConfigError."""
-    from saejax.config import ConfigError
+# ---------------------------------------------------------------- evaluation and analysis
 
-    try:
-        return fn(*args, **kwargs)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        raise ConfigError(str(e)) from e
+
+def _contexts(args, saes: list[str], fallback: str) -> str:
+    """--contexts, or contexts the SAEs were not trained on (`default_contexts`), said aloud."""
+    if args.contexts is not None:
+        return args.contexts
+    from saejax.eval.run import default_contexts
+
+    contexts, why = default_contexts(saes, args.tokens, fallback)
+    print(f"contexts {contexts} ({why})")
+    return contexts
 
 
 def cmd_eval(args) -> int:
     from saejax.eval.run import evaluate, format_table
 
-    results = _as_config_error(evaluate, args.saes, args.tokens, contexts=args.contexts,
-                               batch_contexts=args.batch_contexts, lm_path=args.lm,
-                               out_dir=args.out)
+    results = evaluate(args.saes, args.tokens, contexts=_contexts(args, args.saes, "-2000:"),
+                       batch_contexts=args.batch_contexts, lm_path=args.lm, out_dir=args.out)
     print(format_table(results))
     return 0
 
@@ -124,17 +296,17 @@ def cmd_analyze(args) -> int:
     automated interpretability of a seeded sample of alive features."""
     from saejax.analysis.features import analyze, load_analysis
 
-    out = _as_config_error(analyze, args.sae, args.tokens, args.out, contexts=args.contexts,
-                           top_k=args.top_k, n_samples=args.samples,
-                           batch_contexts=args.batch_contexts, lm_path=args.lm)
+    contexts = _contexts(args, [args.sae], "0:2000")
+    out = analyze(args.sae, args.tokens, args.out, contexts=contexts, top_k=args.top_k,
+                  n_samples=args.samples, batch_contexts=args.batch_contexts, lm_path=args.lm)
     print(f"wrote the analysis of every feature to {out}")
     if args.scripts:
         from saejax.analysis.scripts import ScriptOptions, analyse_scripts, format_report
 
         opts = ScriptOptions(classes=tuple(args.scripts.split(",")),
                              batch_contexts=args.batch_contexts)
-        stats = _as_config_error(analyse_scripts, args.sae, args.tokens, out / "scripts",
-                                 contexts=args.contexts, lm_path=args.lm or "", opts=opts)
+        stats = analyse_scripts(args.sae, args.tokens, out / "scripts", contexts=contexts,
+                                lm_path=args.lm or "", opts=opts)
         print(format_report(stats))
     if args.autointerp != "none":
         import numpy as np
@@ -153,98 +325,211 @@ def cmd_analyze(args) -> int:
 def cmd_browse(args) -> int:
     from saejax.browse import write_site
 
-    index = _as_config_error(write_site, args.analysis_dir, args.out_dir, title=args.title,
-                             progress=True)
+    index = write_site(args.analysis_dir, args.out_dir, title=args.title, progress=True)
     print(f"wrote the feature browser: open {index.resolve().as_uri()}")
     return 0
 
 
 def cmd_compare(args) -> int:
-    import json
-    from pathlib import Path
-
     from saejax.analysis.compare import compare, format_summary
 
     labels = json.loads(Path(args.labels).read_text(encoding="utf-8")) if args.labels else None
-    result = _as_config_error(compare, args.saes, args.tokens, args.out, contexts=args.contexts,
-                              batch_contexts=args.batch_contexts, neurons=args.neurons,
-                              threshold=args.threshold, labels=labels,
-                              min_fires=args.min_fires)
+    result = compare(args.saes, args.tokens, args.out, contexts=args.contexts,
+                     batch_contexts=args.batch_contexts, neurons=args.neurons,
+                     threshold=args.threshold, labels=labels, min_fires=args.min_fires)
     print(format_summary(result))
     return 0
 
 
+# ---------------------------------------------------------------- errors
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of an exception on one line (KeyError's without the quotes str() adds)."""
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _kind(e: BaseException) -> tuple[str, int] | None:
+    """(kind, exit code) of an exception the CLI reports as one line; None for an internal error
+    (which keeps its traceback)."""
+    from saejax.errors import (CheckpointError, ConfigError, NonFiniteLossError, SaejaxError,
+                               StorageError)
+
+    table = [(NonFiniteLossError, "training stopped", 3), (CheckpointError, "checkpoint error", 4),
+             (ConfigError, "config error", 2), (yaml.YAMLError, "config error", 2),
+             (StorageError, "storage error", 2),
+             (SaejaxError, "error", 2), (OSError, "file error", 2), (ValueError, "error", 2),
+             (KeyError, "error", 2)]
+    for cls, kind, code in table:
+        if isinstance(e, cls):
+            return kind, code
+    # Best effort: a peer that died surfaces in the others as a jax runtime error.
+    if os.environ.get("SAEJAX_COORDINATOR") and type(e).__module__.startswith(("jax", "jaxlib")):
+        return ("multi-process run failed, a peer process may have stopped (rerun the same "
+                "command on every host to resume)"), 1
+    return None
+
+
+def _report(e: BaseException) -> int | None:
+    """Print `e` as one line and return the exit code, or None for an internal error."""
+    kind = _kind(e)
+    if kind is None:
+        return None
+    print(f"saejax: {kind[0]}: {_one_line(e) or type(e).__name__}", file=sys.stderr)
+    return kind[1]
+
+
+# ---------------------------------------------------------------- the parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be a function, called only when help is shown (the
+    field listings import the trainers, which `saejax <command>` does not need to parse)."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps one-paragraph texts; keeps texts of several lines (the field listings) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def _config_arguments(p: argparse.ArgumentParser, example: str) -> None:
     """The arguments of a config-driven command: YAML file, --quiet, dotted overrides."""
-    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML config file (nested sections, e.g. sae: {n_features: 4096}); "
+                        "overrides are applied on top")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+    p.add_argument("overrides", nargs="*", metavar="field=value",
+                   help=f"dotted overrides, e.g. {example} (fields listed below)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="saejax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train an SAE (no arguments: the embedded synthetic default)")
+def _add(sub, name: str, func, help: str, epilog=None) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, epilog=epilog,
+                       formatter_class=_Formatter)
+    p.set_defaults(func=func)
+    return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("saejax")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="saejax", description=__doc__.split("\n\n")[0],
+                     epilog="saejax COMMAND --help shows a command's arguments (and, for train "
+                            "and train-lm, every config field with its default).")
+    parser.add_argument("--version", action="version", version=f"saejax {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _add(sub, "train", cmd_train, "train an SAE (no arguments: the embedded synthetic "
+             "default); run it again to resume", _sae_fields_help)
     _config_arguments(p, "sae.n_features=4096")
-    p.set_defaults(func=cmd_train)
-    p = sub.add_parser("export", help="write a run's newest SAE in SAELens's on-disk format")
-    p.add_argument("run_dir")
-    p.add_argument("out_dir")
-    p.set_defaults(func=cmd_export)
-    p = sub.add_parser("train-lm", help="train a small LM (default: the paper's one-layer model) "
-                                        "on a token dataset; saves run_dir/hf")
+
+    p = _add(sub, "train-lm", cmd_train_lm, "train a small LM (default: the paper's one-layer "
+             "model) on a token dataset; saves run_dir/hf", _lm_fields_help)
     _config_arguments(p, "data.tokens=DIR")
-    p.set_defaults(func=cmd_train_lm)
-    p = sub.add_parser("tokenize", help="pack text into fixed-length token contexts on disk")
-    p.add_argument("out_dir")
-    p.add_argument("--text", nargs="*", default=[], help="text / JSON-lines files or globs")
-    p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl"])
+
+    p = _add(sub, "config", cmd_config, "print the effective config of `saejax train` (or of "
+             "train-lm with --lm) as YAML: defaults <- --config FILE <- overrides")
+    p.add_argument("--show", action="store_true", required=True,
+                   help="print the config (the only action)")
+    p.add_argument("--lm", action="store_true", help="the config of train-lm instead of train")
+    p.add_argument("--config", metavar="FILE", help="YAML config file, as train takes it")
+    p.add_argument("overrides", nargs="*", metavar="field=value",
+                   help="dotted overrides, as train takes them")
+
+    p = _add(sub, "export", cmd_export, "write a run's newest SAE in SAELens's on-disk format")
+    p.add_argument("run_dir", help="SAE run directory (saejax train's train.run_dir)")
+    p.add_argument("out_dir", help="folder to write sae_weights.safetensors and cfg.json to")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace out_dir when it is not empty (swapped in whole when written)")
+
+    p = _add(sub, "tokenize", cmd_tokenize, "pack text into fixed-length token contexts on "
+             "disk (everything is checked before a tokenizer is trained or a file written)")
+    p.add_argument("out_dir", help="token dataset directory to write")
+    p.add_argument("--text", nargs="*", default=[], metavar="PATH",
+                   help="text / JSON-lines files or globs")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl"],
+                   help="file format; auto: .jsonl/.ndjson are JSON lines, the rest plain text")
     p.add_argument("--separator", default=None,
-                   help='plain text: document separator line ("" blank lines, "%%" fortunes)')
+                   help='plain text: document separator line ("" blank lines, "%%" fortunes; '
+                        'default: one document per file)')
     p.add_argument("--text-field", default="text", help="JSON lines / HF datasets: text field")
     p.add_argument("--hf-dataset", default=None, help="an HF dataset name (needs `datasets`)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--tokenizer", help="HF tokenizer directory or hub id")
+    p.add_argument("--split", default="train", help="HF dataset split")
+    p.add_argument("--tokenizer", metavar="DIR_OR_ID", help="HF tokenizer directory or hub id")
     p.add_argument("--train-bpe", type=int, metavar="VOCAB_SIZE",
                    help="train a byte-level BPE of this size on the text instead")
-    p.add_argument("--tokenizer-out", help="where --train-bpe saves it (default OUT_DIR-tokenizer)")
-    p.add_argument("--ctx-len", type=int, default=128)
-    p.add_argument("--bos", default="every_context", choices=["every_context", "document", "none"])
-    p.add_argument("--max-contexts", type=int)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_tokenize)
-    p = sub.add_parser("harvest", help="store an LM's activations at hook sites over a token "
-                                       "dataset (resumes when run again)")
+    p.add_argument("--tokenizer-out", metavar="DIR",
+                   help="where --train-bpe saves it (default OUT_DIR-tokenizer)")
+    p.add_argument("--ctx-len", type=int, default=128, help="tokens per context")
+    p.add_argument("--bos", default="every_context", choices=["every_context", "document", "none"],
+                   help="where BOS goes: first token of every context, before every document, "
+                        "or nowhere")
+    p.add_argument("--max-contexts", type=int, metavar="N", help="stop after N contexts")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a complete dataset (and the tokenizer --train-bpe writes): the "
+                        "old one stays whole until the new one is complete")
+
+    p = _add(sub, "harvest", cmd_harvest, "store an LM's activations at hook sites over a token "
+             "dataset (resumes when run again)")
     p.add_argument("lm", help="HF model directory (or hub id)")
     p.add_argument("tokens", help="token dataset directory (saejax tokenize)")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="activation store directory to write")
     p.add_argument("--site", action="append", required=True,
                    help="hook site, e.g. blocks.0.mlp.hook_post (repeatable)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--keep-bos", action="store_true", help="keep BOS positions")
-    p.add_argument("--max-contexts", type=int)
-    p.add_argument("--contexts-per-shard", type=int, default=1024)
-    p.add_argument("--batch-contexts", type=int, default=32)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_harvest)
-    p = sub.add_parser("eval", help="splice SAEs into their LM on held-out contexts: loss "
-                                    "recovered, KL, L0, FVU, dead/ultralow/dense, density PNGs")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="stored dtype (bfloat16 halves the disk; read back as float32)")
+    p.add_argument("--keep-bos", action="store_true",
+                   help="keep BOS positions (dropped by default: large-norm outliers)")
+    p.add_argument("--max-contexts", type=int, metavar="N", help="harvest the first N contexts")
+    p.add_argument("--holdout", type=int, default=0, metavar="N",
+                   help="never harvest the last N contexts: eval and analyze default to them")
+    p.add_argument("--contexts-per-shard", type=int, default=1024,
+                   help="contexts per .npy shard (each is assembled in memory)")
+    p.add_argument("--batch-contexts", type=int, default=32,
+                   help="contexts per LM forward call (its memory)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a store harvested with other arguments, or start an "
+                        "interrupted harvest over")
+
+    held_out = ("START:STOP context ids (write --contexts=-2000: for a negative start); default: "
+                "the 2,000 contexts after those the SAE's activation store harvested, else "
+                "{fallback}")
+    p = _add(sub, "eval", cmd_eval, "splice SAEs into their LM on held-out contexts: loss "
+             "recovered, KL, L0, FVU, dead/ultralow/dense, density PNGs")
     p.add_argument("saes", nargs="+", help="SAE run directories or SAELens folders")
     p.add_argument("--tokens", required=True, help="token dataset directory")
-    p.add_argument("--contexts", default="-2000:", help="START:STOP context ids (write --contexts=-2000: for a negative start)")
-    p.add_argument("--batch-contexts", type=int, default=32)
+    p.add_argument("--contexts", default=None, help=held_out.format(fallback="the last 2,000"))
+    p.add_argument("--batch-contexts", type=int, default=32,
+                   help="contexts per LM forward call (its memory)")
     p.add_argument("--lm", help="LM directory (default: the one the SAEs record)")
     p.add_argument("--out", help="directory for eval.json and the density histograms")
-    p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("analyze", help="per-feature top contexts, samples, histograms and logit "
-                                       "effects (an analysis directory for `saejax browse`)")
+
+    p = _add(sub, "analyze", cmd_analyze, "per-feature top contexts, samples, histograms and "
+             "logit effects (an analysis directory for `saejax browse`)")
     p.add_argument("sae", help="SAE run directory or SAELens folder")
     p.add_argument("--tokens", required=True, help="token dataset directory")
     p.add_argument("--out", required=True, help="analysis directory to write")
-    p.add_argument("--contexts", default="0:2000", help="START:STOP context ids")
+    p.add_argument("--contexts", default=None, help=held_out.format(fallback="0:2000"))
     p.add_argument("--top-k", type=int, default=20, help="top-activating examples per feature")
     p.add_argument("--samples", type=int, default=20, help="random firing examples per feature")
-    p.add_argument("--batch-contexts", type=int, default=32)
+    p.add_argument("--batch-contexts", type=int, default=32,
+                   help="contexts per LM forward call (its memory)")
     p.add_argument("--lm", help="LM directory (default: the one the SAE records)")
     p.add_argument("--scripts", help="script classes to rank features and neurons for, e.g. "
                                      "arabic,cyrillic,cjk (writes OUT/scripts/)")
@@ -254,25 +539,27 @@ def main(argv: list[str] | None = None) -> int:
                    help="alive features to score (a seeded random sample)")
     p.add_argument("--llm-url", default="https://api.openai.com/v1",
                    help="OpenAI-compatible API root")
-    p.add_argument("--llm-model", default="gpt-4o-mini")
+    p.add_argument("--llm-model", default="gpt-4o-mini", help="model name sent to the API")
     p.add_argument("--llm-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_analyze)
-    p = sub.add_parser("browse", help="write a static feature-browser site (opens from file://) "
-                                      "for an analysis directory")
-    p.add_argument("analysis_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--title")
-    p.set_defaults(func=cmd_browse)
-    p = sub.add_parser("compare", help="match features between SAEs (cross-seed / cross-model "
-                                       "universality) and build the splitting tree across sizes")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the autointerp feature sample and its examples")
+
+    p = _add(sub, "browse", cmd_browse, "write a static feature-browser site (opens from "
+             "file://) for an analysis directory")
+    p.add_argument("analysis_dir", help="directory written by saejax analyze")
+    p.add_argument("out_dir", help="directory for the site (index.html + feature pages)")
+    p.add_argument("--title", help="page title (default: the SAE's name)")
+
+    p = _add(sub, "compare", cmd_compare, "match features between SAEs (cross-seed / cross-model "
+             "universality) and build the splitting tree across sizes")
     p.add_argument("saes", nargs="+", help="2+ SAE run directories or SAELens folders; 3+ in "
                                            "increasing size give the family tree")
     p.add_argument("--tokens", required=True, help="token dataset directory")
     p.add_argument("--out", required=True, help="directory for compare.json, splitting.json/png")
     p.add_argument("--contexts", default="0:2000", help="START:STOP context ids")
-    p.add_argument("--batch-contexts", type=int, default=32)
+    p.add_argument("--batch-contexts", type=int, default=32,
+                   help="contexts per LM forward call (its memory)")
     p.add_argument("--neurons", action="store_true",
                    help="also match the LMs' neurons at the site (the paper's baseline)")
     p.add_argument("--threshold", type=float, default=0.4,
@@ -280,21 +567,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-fires", type=int, default=10,
                    help="a feature is matched when it fires at least this often")
     p.add_argument("--labels", help="JSON {level or SAE name: {feature id: label}} for the figure")
-    p.set_defaults(func=cmd_compare)
-    args = parser.parse_args(argv)
+    return parser
 
-    from saejax.errors import CheckpointError, ConfigError, NonFiniteLossError
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"saejax: config error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"saejax: training stopped: {e}", file=sys.stderr)
-        return 3
-    except CheckpointError as e:  # damaged checkpoints with no good one to fall back to
-        print(f"saejax: checkpoint error: {e}", file=sys.stderr)
-        return 4
+    except KeyboardInterrupt:
+        # The trainers have left their `with` blocks, which waited for checkpoint saves in flight.
+        line = (_interrupted_at(getattr(args, "run_dir", None))
+                if args.command in ("train", "train-lm") else "interrupted")
+        print(f"saejax: {line}", file=sys.stderr)
+        # Collect what the interrupted code left (the checkpointer's asyncio loops) now: at
+        # interpreter exit their sockets may be closed first, and each prints a traceback.
+        gc.collect()
+        return INTERRUPTED
+    except Exception as e:
+        code = _report(e)
+        if code is None:
+            raise  # an internal error: its traceback is what a bug report needs
+        return code
 
 
 if __name__ == "__main__":

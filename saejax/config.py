@@ -14,7 +14,7 @@ from typing import Literal
 from saejax import typedconfig
 from saejax.errors import ConfigError
 from saejax.sae.config import SAEConfig
-from saejax.sae.family import get_family
+from saejax.sae.family import FAMILIES, get_family
 # The generic machinery, used through this module by the trainers and the CLI.
 from saejax.typedconfig import (check_same_run, flatten, from_dict,  # noqa: F401
                                 load_dataclass, parse_override, save_config, to_dict)
@@ -44,14 +44,18 @@ class ResampleConfig:
     enabled: bool = True
     """Resample dead features (Towards Monosemanticity procedure), for families that resample
     (relu; topk has AuxK instead)."""
-    steps: list[int] = field(default_factory=lambda: [25_000, 50_000, 75_000, 100_000])
-    """Steps at which to resample (ignored when `at_fractions` is set)."""
-    at_fractions: list[float] = field(default_factory=list)
-    """Resample at these fractions of train.steps instead, e.g. [0.25, 0.5]."""
-    window_steps: int = 12_500
-    """A feature is dead if it has not fired in any of this many previous steps."""
-    n_inputs: int = 819_200
-    """Size of the random input subset on which the loss is computed to pick replacements."""
+    at_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    """Resample at these fractions of train.steps (so every run resamples, whatever its
+    length); [] = at `steps` instead."""
+    steps: list[int] = field(default_factory=list)
+    """Resample at these absolute steps when at_fractions is [] (the paper: 25k, 50k, 75k,
+    100k of ~1M)."""
+    window_steps: int = 0
+    """A feature is dead if it has not fired in any of this many previous steps; 0 = an eighth
+    of train.steps (the paper's 12,500: half the spacing of its resampling events)."""
+    n_inputs: int = 131_072
+    """Inputs on which the loss is computed to pick replacements, streamed in chunks (memory
+    does not grow with it; time does: the paper used 819,200)."""
     enc_scale: float = 0.2
     """New encoder row norm = enc_scale × mean norm of the alive features' encoder rows."""
 
@@ -170,25 +174,36 @@ def resolve_mesh_shape(mesh: MeshConfig, n_devices: int) -> tuple[int, int]:
     return data, model
 
 
+RANGES = {
+    "sae.d_in": ">= 1", "sae.n_features": ">= 1",
+    "sae.relu.l1_coefficient": ">= 0", "sae.relu.l1_warmup_fraction": "[0, 1]",
+    "sae.relu.target_l0": ">= 0",
+    "sae.topk.k": ">= 1", "sae.topk.k_aux": ">= 0", "sae.topk.aux_coefficient": ">= 0",
+    "sae.topk.dead_tokens_aux": ">= 0",
+    "optim.lr": "> 0", "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.eps": "> 0",
+    "optim.warmup_steps": ">= 0", "optim.grad_clip": ">= 0",
+    "resample.steps": ">= 1", "resample.at_fractions": "(0, 1)", "resample.window_steps": ">= 0",
+    "resample.n_inputs": ">= 1", "resample.enc_scale": "> 0",
+    "mesh.data": "-1 or >= 1", "mesh.model": ">= 1",
+    "data.n_true_features": ">= 1", "data.p_active": "(0, 1]", "data.correlated_groups": ">= 0",
+    "data.buffer_size": ">= 1", "data.buffer_blocks": ">= 1", "data.lm_batch_contexts": ">= 1",
+    "data.seed": ">= 0",
+    "train.steps": ">= 1", "train.batch_size": ">= 1", "train.seed": ">= 0",
+    "train.log_every": ">= 1", "train.checkpoint_every": ">= 1", "train.keep_checkpoints": ">= 1",
+    "train.dead_window_tokens": ">= 1",
+}  # fmt: skip
+"""The range of every numeric field (`typedconfig.check_ranges`; NaN/Inf is rejected for all).
+tests/test_config.py checks that every numeric field of `Config` has one."""
+
+
 def validate(cfg: Config, n_devices: int | None = None) -> None:
-    """Reject impossible combinations before any compute. Mesh checks need `n_devices`."""
-    s, t, r = cfg.sae, cfg.train, cfg.resample
-    positive = {
-        "sae.d_in": s.d_in, "sae.n_features": s.n_features, "train.steps": t.steps,
-        "train.batch_size": t.batch_size, "train.log_every": t.log_every,
-        "train.checkpoint_every": t.checkpoint_every, "train.keep_checkpoints": t.keep_checkpoints,
-        "resample.window_steps": r.window_steps, "resample.n_inputs": r.n_inputs,
-        "optim.lr": cfg.optim.lr, "train.dead_window_tokens": t.dead_window_tokens,
-    }
-    for name, v in positive.items():
-        if v <= 0:
-            raise ConfigError(f"{name} must be positive, got {v}")
-    if s.relu.l1_coefficient < 0:
-        raise ConfigError(f"sae.relu.l1_coefficient must be >= 0, got {s.relu.l1_coefficient}")
+    """Reject out-of-range values and impossible combinations before any compute. Mesh checks
+    need `n_devices`."""
+    s, t = cfg.sae, cfg.train
+    # Only the chosen family's section is used, so only it is range-checked.
+    other_families = tuple(f"sae.{name}." for name in FAMILIES if name != s.arch)
+    typedconfig.check_ranges(cfg, RANGES, skip=other_families)
     get_family(s.arch).check(s)
-    for i, f in enumerate(r.at_fractions):
-        if not 0 < f < 1:
-            raise ConfigError(f"resample.at_fractions[{i}]={f} must be in (0, 1)")
     if cfg.data.source == "npy" and not cfg.data.paths:
         raise ConfigError("data.paths must name .npy files when data.source=npy")
     if cfg.data.source == "store" and not cfg.data.store_path:
@@ -198,9 +213,6 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
         for name in ("lm_path", "tokens_path", "site"):
             if not getattr(d, name):
                 raise ConfigError(f"data.{name} must be set when data.source=lm")
-        for name in ("buffer_size", "buffer_blocks", "lm_batch_contexts"):
-            if getattr(d, name) <= 0:
-                raise ConfigError(f"data.{name} must be positive, got {getattr(d, name)}")
         V, B = d.buffer_blocks, t.batch_size
         if d.buffer_size % (4 * B):
             raise ConfigError(f"data.buffer_size={d.buffer_size} must be a multiple of "

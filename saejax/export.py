@@ -145,6 +145,17 @@ def build_cfg(d_in: int, d_sae: int, *, architecture: str, options: dict, dtype:
     return cfg
 
 
+def check_destination(out_dir, overwrite: bool) -> Path:
+    """`out_dir` as an absolute path, after refusing it when it is a file or a non-empty
+    directory and `overwrite` is not set (the whole folder is replaced when it is)."""
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        what = "is a file" if not out_dir.is_dir() else "exists and is not empty"
+        raise FileExistsError(f"{out_dir} {what}; pass --overwrite to replace it, or choose "
+                              f"another folder")
+    return out_dir
+
+
 def export_saelens(out_dir, params: dict[str, np.ndarray], *, architecture: str,
                    options: dict | None = None, input_scale: float = 1.0,
                    metadata: dict | None = None, dtype: str = "float32",
@@ -185,9 +196,7 @@ def export_saelens(out_dir, params: dict[str, np.ndarray], *, architecture: str,
     cfg = build_cfg(d_in, d_sae, architecture=architecture, options=options, dtype=dtype,
                     metadata=metadata, input_scale=s)
 
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+    out_dir = check_destination(out_dir, overwrite)
     with atomic_dir(out_dir) as tmp:
         (tmp / WEIGHTS_FILENAME).write_bytes(safetensors.numpy.save(tensors))
         (tmp / CFG_FILENAME).write_text(json.dumps(cfg, indent=2) + "\n")
@@ -259,6 +268,7 @@ def export_run(run_dir, out_dir, *, overwrite: bool = False) -> Path:
     are read (onto all local devices, features sharded) and copied to the host shard by shard."""
     from saejax.runs import load_params, provenance  # noqa: PLC0415 (reads checkpoints)
 
+    check_destination(out_dir, overwrite)  # before reading any checkpoint
     run = load_params(run_dir)
     family = get_family(run.cfg.sae.arch)
     if family.saelens_architecture is None:

@@ -1,5 +1,6 @@
 """File-name helpers: the files a user's paths and globs name (every reader of activations and
-text), and distinct names for things written or shown side by side."""
+text), distinct names for things written or shown side by side, and the paths a run records
+(absolute when written, found again when the run and its data were moved together)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,33 @@ def unique_names(names: Iterable[str], sep: str = "-") -> list[str]:
 def file_safe(name: str, default: str = "file") -> str:
     """`name` with every character but letters, digits, '_', '.' and '-' replaced by '_'."""
     return re.sub(r"[^\w.-]", "_", name) or default
+
+
+def absolute_path(path: str) -> str:
+    """`path` made absolute against the current directory ("" stays ""): what a run records, so
+    that it does not depend on the directory the command ran in."""
+    return os.path.abspath(path) if path else path
+
+
+def _exists(path: str) -> bool:
+    """Whether `path` names something: an existing path, or a glob pattern matching a file."""
+    return os.path.exists(path) or any(True for _ in glob.iglob(path, recursive=True))
+
+
+def resolve_data_path(recorded: str, recorded_base: str, base: str | os.PathLike) -> str:
+    """Where a path recorded beside `recorded_base` (a run or store directory, as recorded) is
+    now that that directory is at `base`.
+
+    `recorded` itself when it is absolute and exists (or is "", or a hub id). Otherwise the same
+    relative location from `base`: a run directory moved together with its data (both under one
+    parent) still finds it. This also resolves the relative paths of older runs, recorded
+    against the directory the command ran in, as long as `recorded_base` is too. When neither
+    exists `recorded` is returned unchanged, so the error names the path as recorded."""
+    if not recorded or (os.path.isabs(recorded) and _exists(recorded)):
+        return recorded
+    if recorded_base and os.path.isabs(recorded) == os.path.isabs(recorded_base):
+        moved = os.path.normpath(os.path.join(os.path.abspath(base),
+                                              os.path.relpath(recorded, recorded_base)))
+        if _exists(moved):
+            return moved
+    return recorded

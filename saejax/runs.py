@@ -17,14 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import yaml
 from flax import nnx
 from jax.sharding import Mesh
 
 from saejax import sharding
 from saejax.checkpoint import Checkpointer
 from saejax.config import Config, MeshConfig, from_dict
+from saejax.data import relocated
 from saejax.errors import ConfigError
+from saejax.typedconfig import read_yaml
 from saejax.sae import get_family
 
 
@@ -48,13 +49,10 @@ def read_config(run_dir: str | Path) -> Config:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a saejax run directory (no config.yaml)")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if isinstance(tree, dict) and "sae" not in tree and "model" in tree:
+    tree = read_yaml(path, "the run's config")
+    if "sae" not in tree and "model" in tree:
         raise ConfigError(f"{run_dir} is a language-model run (train-lm), not an SAE run")
-    return from_dict(Config, tree)
+    return relocated(from_dict(Config, tree), run_dir)
 
 
 def inference_mesh(n_features: int, devices: list | None = None) -> Mesh:
@@ -86,7 +84,7 @@ def load_params(run_dir: str | Path, mesh: Mesh | None = None) -> RunParams:
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     mesh = inference_mesh(cfg.sae.n_features) if mesh is None else mesh
-    restored = Checkpointer(run_dir / "checkpoints", async_save=False).restore_latest(
+    restored = Checkpointer(run_dir / "checkpoints", read_only=True).restore_latest(
         _abstract(cfg, mesh), partial=True)
     if restored is None:
         raise ConfigError(f"{run_dir / 'checkpoints'} holds no checkpoint")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from pathlib import Path
@@ -85,7 +86,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML "
+                          f"({_yaml_problem(e)})") from None
     if isinstance(value, str) and _looks_numeric(value):
         value = float(value)  # YAML 1.1 reads "4e-3" as a string
     return key.strip(), value
@@ -104,17 +109,39 @@ def load_dataclass(cls: type, path: str | Path | None = None, overrides: list[st
     unknown keys and wrong types rejected (no cross-field validation)."""
     tree: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path}: top level must be a mapping")
-        tree = _floatify(tree)
+        tree = _floatify(read_yaml(path, "config file"))
     for text in overrides:
         _set_dotted(tree, *parse_override(text))
     return from_dict(cls, tree)
 
+
+def read_yaml(path: str | Path, what: str) -> dict:
+    """The mapping in YAML file `path` (empty file: {}); a missing, unreadable or malformed file
+    is a ConfigError naming `what`, the path and, for bad YAML, the line and column."""
+    path = Path(path)
+    if not path.is_file():
+        state = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"{what} {path} {state}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {_yaml_problem(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {path} cannot be read ({e})") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{what} {path}: top level must be a mapping, got "
+                          f"{type(tree).__name__}")
+    return tree
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what is wrong and where (1-based line and column)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def _floatify(tree: Any) -> Any:
@@ -138,16 +165,76 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_same_run(saved: dict, cfg: Any, allowed: set[str], run_dir: str | Path) -> None:
-    """Refuse to resume the run saved in `run_dir` (its config as a dict) with config dataclass
-    `cfg` if any field outside `allowed` changed; the message names each change."""
-    old, new = flatten(saved), flatten(dataclasses.asdict(cfg))
+def check_same_run(saved: dict, cfg: Any, allowed: set[str], run_dir: str | Path,
+                   where: str = "config.yaml") -> None:
+    """Refuse to resume the run saved in `run_dir` (its config as a dict, read from `where`)
+    with config `cfg` (a dataclass or its dict) if any field outside `allowed` changed; the
+    message names each change."""
+    if not isinstance(saved, dict):
+        raise ConfigError(f"run_dir {run_dir}: its {where} holds no config mapping")
+    old, new = flatten(saved), flatten(cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg))
     changed = sorted(k for k in old.keys() | new.keys()
                      if old.get(k) != new.get(k) and k not in allowed)
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise ConfigError(f"run_dir {run_dir} holds a run with a different config ({diffs}); "
-                          "use another train.run_dir or the same settings")
+        raise ConfigError(f"run_dir {run_dir} holds a run with a different config ({where}: "
+                          f"{diffs}); use another train.run_dir or the same settings")
+
+
+INT_LIMIT = 2**31
+"""Integer fields must lie in [-INT_LIMIT, INT_LIMIT): steps, seeds and counts reach the devices
+as int32 (and larger seeds overflow the RNGs)."""
+
+_COMPARE = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
+
+
+def check_ranges(cfg: Any, rules: dict[str, str], skip: tuple[str, ...] = ()) -> None:
+    """Reject, before any compute, a numeric field of config dataclass `cfg` that is NaN/Inf, an
+    int outside int32, or outside its rule in `rules` (dotted name -> rule; a list field's rule
+    applies to each item). Fields whose dotted name starts with a `skip` prefix are not checked.
+
+    A rule is `> a`, `>= a`, `< a`, `<= a`, an interval such as `[0, 1)` (either bracket kind on
+    either side, `inf` allowed), a bare number the value must equal, or several of these joined
+    by ` or ` (`-1 or >= 1`). The error names the field, the rule and the value, on one line."""
+    for name, value in flatten(dataclasses.asdict(cfg)).items():
+        if name.startswith(skip):
+            continue
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, v in items:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                continue
+            label = name if i is None else f"{name}[{i}]"
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{label} must be a finite number, got {v}")
+            if isinstance(v, int) and not -INT_LIMIT <= v < INT_LIMIT:
+                raise ConfigError(f"{label} must be below 2**31 in magnitude, got {v}")
+            rule = rules.get(name)
+            if rule is not None and not in_range(float(v), rule):
+                raise ConfigError(f"{label} must be {_describe(rule)}, got {v!r}")
+
+
+def in_range(v: float, rule: str) -> bool:
+    """Whether `v` satisfies `rule` (the grammar of `check_ranges`)."""
+    for alt in (a.strip() for a in rule.split(" or ")):
+        if alt[0] in "[(":
+            lo, hi = (float(x) for x in alt[1:-1].split(","))
+            above = lo <= v if alt[0] == "[" else lo < v
+            below = v <= hi if alt[-1] == "]" else v < hi
+            ok = above and below
+        elif " " in alt:
+            op, bound = alt.split()
+            ok = _COMPARE[op](v, float(bound))
+        else:
+            ok = v == float(alt)
+        if ok:
+            return True
+    return False
+
+
+def _describe(rule: str) -> str:
+    """`[0, 1)` -> `in [0, 1)`; comparisons and numbers read as they are."""
+    return " or ".join(f"in {a}" if a[0] in "[(" else a
+                       for a in (a.strip() for a in rule.split(" or ")))
 
 
 def to_dict(cfg: Any) -> dict:

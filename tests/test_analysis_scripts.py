@@ -273,6 +273,18 @@ def test_counts_match_brute_force_features_and_neurons(world, site_acts):
     assert "arabic:" in text and "neurons by f1" in text and "features by precision" in text
 
 
+def test_report_says_when_a_script_never_occurs():
+    """No token of a class: one plain sentence instead of ranking tables of zeros."""
+    from saejax.analysis.scripts import ScriptStats
+
+    stats = ScriptStats(("hebrew",), (0.0,), False, n_contexts=40, n_tokens=600,
+                        n_class=np.zeros(1, np.int64), n_fragment=0,
+                        n_fragment_in=np.zeros(1, np.int64), n_unresolved=0)
+    text = format_report(stats)
+    assert "hebrew: no hebrew token occurs in the 40 contexts analysed" in text
+    assert "by precision" not in text and "(none)" not in text
+
+
 def test_relative_levels_match_brute_force(world, site_acts):
     fr = (0.0, 0.25, 0.5)
     opts = ScriptOptions(classes=("arabic", "cyrillic"), levels=fr, relative_levels=True,

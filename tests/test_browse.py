@@ -180,12 +180,14 @@ def test_index_of_100k_features_stays_chunked(tmp_path):
 def browser():
     """Debian's chromium through chromedriver. Missing pieces skip the tests outside CI and fail
     them in CI (.ci/run sets CI and installs chromium and chromium-driver)."""
-    need = "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+    need = ("the feature-browser tests need Debian's chromium and chromium-driver: apt-get install "
+            "chromium chromium-driver (.ci/run installs them and fails without them)")
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("needs selenium (the test extra)")
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(
+            "the feature-browser tests need selenium: pip install -e '.[test]'")
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
         (pytest.fail if os.environ.get("CI") else pytest.skip)(need)

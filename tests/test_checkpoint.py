@@ -22,12 +22,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from saejax.checkpoint import CheckpointError, Checkpointer, fingerprint
+from saejax.errors import StorageError
+
+from fs_faults import file_size_limit
 
 REPO = Path(__file__).resolve().parents[1]
 
 # When one array of a damaged checkpoint fails to read, Orbax abandons the other reads' coroutines;
 # their GeneratorExit surfaces as "unraisable" noise at some later garbage collection.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+              pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")]
 
 
 @pytest.fixture(autouse=True)
@@ -298,3 +302,53 @@ def test_cli_reports_a_run_with_no_good_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "checkpoint error" in err and "step 4" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_read_only_creates_cleans_and_saves_nothing(tmp_path):
+    assert Checkpointer(tmp_path / "none", read_only=True).restore_latest(
+        abstract(mesh_of((2, 4)))) is None
+    assert not (tmp_path / "none").exists()
+    saved(tmp_path, steps=(1,))
+    (tmp_path / "2.orbax-checkpoint-tmp").mkdir()  # a save in progress in another process
+    ck = Checkpointer(tmp_path, read_only=True)
+    assert ck.restore_latest(abstract(mesh_of((1, 1))))[0] == 1
+    assert (tmp_path / "2.orbax-checkpoint-tmp").is_dir()
+    with pytest.raises(RuntimeError, match="read-only"):
+        ck.save(3, make_state(mesh_of((1, 1))), {})
+
+
+def test_saved_metas_without_reading_arrays(tmp_path):
+    saved(tmp_path, steps=(1, 2, 3))
+    _truncate(tmp_path / "3")  # the arrays: the metas are still intact
+    _edit_meta(tmp_path / "2")
+    assert Checkpointer(tmp_path, read_only=True).saved_metas() == {3: {"step": 3}, 1: {"step": 1}}
+    _delete_meta(tmp_path / "1")
+    _delete_meta(tmp_path / "3")
+    with pytest.raises(CheckpointError, match="no checkpoint .* restores: step 3: .*step 1: "):
+        Checkpointer(tmp_path, read_only=True).saved_metas()
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_failing_write_is_one_storage_error(tmp_path, async_save):
+    """A write that fails inside Orbax (here: past the file-size limit) is one StorageError
+    naming the OS error and the last committed step, which still restores."""
+    ck, states = saved(tmp_path, steps=(1,))
+    ck = Checkpointer(tmp_path, async_save=async_save)
+    with file_size_limit(2000), pytest.raises(
+            StorageError, match=r"cannot write a checkpoint in .*: File too large \(errno 27\); "
+                                r"last good checkpoint: step 1; rerun the same command"):
+        ck.save(2, states[1], {"step": 2})
+        ck.wait()
+    step, got, _ = Checkpointer(tmp_path, read_only=True).restore_latest(abstract(mesh_of((2, 4))))
+    assert step == 1
+    assert_bitwise_equal(states[1], got)
+
+
+def test_no_room_is_refused_before_writing(tmp_path, monkeypatch):
+    ck, states = saved(tmp_path, steps=(1,))
+    monkeypatch.setattr("saejax.checkpoint.free_space", lambda path: 100)
+    with pytest.raises(StorageError, match=r"No space left on device \(a checkpoint needs about "
+                                           r"[\d.]+ MiB, 9.54e-05 MiB are free\); last good "
+                                           r"checkpoint: step 1"):
+        ck.save(2, states[1], {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]

@@ -16,12 +16,16 @@ def test_text_to_sae(tmp_path, capsys):
     tokens, lm = tmp_path / "tokens", tmp_path / "lm"
     assert cli.main(["tokenize", str(tokens), "--text", str(text), "--separator", "",
                      "--train-bpe", "300", "--ctx-len", "16"]) == 0
-    assert cli.main(["train-lm", "--quiet", f"data.tokens={tokens}", f"train.run_dir={lm}",
-                     "model.n_embd=32", "model.n_head=4", "model.n_inner=64", "train.steps=30",
-                     "train.batch_size=16", "data.val_contexts=16", "train.log_every=10",
-                     "train.checkpoint_every=30", "train.eval_every=0",
-                     "optim.warmup_steps=5", "train.progress=false"]) == 0
+    train_lm = ["train-lm", f"data.tokens={tokens}", f"train.run_dir={lm}",
+                "model.n_embd=32", "model.n_head=4", "model.n_inner=64", "train.steps=30",
+                "train.batch_size=16", "data.val_contexts=16", "train.log_every=10",
+                "train.checkpoint_every=30", "train.eval_every=0",
+                "optim.warmup_steps=5", "train.progress=false"]
+    assert cli.main([*train_lm, "--quiet"]) == 0
     assert (lm / "hf" / "config.json").exists() and (lm / "hf" / "tokenizer.json").exists()
+    capsys.readouterr()
+    assert cli.main(train_lm) == 0  # run again: nothing to do, and it says so
+    assert capsys.readouterr().out.startswith(f"run already complete at step 30 in {lm}\nstep 30")
     assert cli.main(["harvest", str(lm / "hf"), str(tokens), str(tmp_path / "acts"),
                      "--site", SITE, "--dtype", "bfloat16"]) == 0
     assert cli.main(["train", "--quiet", "data.source=store",

@@ -2,6 +2,8 @@
 stored rows are the model's own activations at the site, BOS positions dropped; bad sites and
 vocabularies are named."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -69,3 +71,16 @@ def test_max_contexts_harvests_a_prefix(setup, tmp_path):
     if full is not None:
         np.testing.assert_allclose(part.gather(np.arange(part.n_rows)),  # other batch shapes
                                    full.gather(np.arange(part.n_rows)), rtol=1e-5, atol=1e-6)
+
+
+def test_holdout_leaves_the_last_contexts_out(setup, tmp_path):
+    root, ds = setup
+    m = harvest(root / "lm", root / "tokens", tmp_path / "s", [SITE], holdout=7, progress=False)
+    assert m["n_contexts"] == len(ds) - 7 and m["provenance"]["contexts"] == f"the first {len(ds) - 7}"
+    # recorded absolute, and relative to the store: a store moved with its model finds it again
+    assert m["provenance"]["model"] == str((root / "lm").absolute())
+    assert m["provenance"]["model_relative"] == os.path.relpath(root / "lm", tmp_path / "s")
+    for bad in (len(ds), -1):
+        with pytest.raises(ConfigError, match="holdout must be in"):
+            harvest(root / "lm", root / "tokens", tmp_path / "t", [SITE], holdout=bad)
+    assert not (tmp_path / "t").exists()

@@ -29,7 +29,7 @@ def _run(contract, compiled, state, steps=4):
 
 # (family, config changes for the second setting)
 SETTINGS = [
-    ("relu", ["sae.relu.l1_coefficient=0.5", "sae.relu.l1_warmup_steps=3", "optim.lr=1e-2",
+    ("relu", ["sae.relu.l1_coefficient=0.5", "sae.relu.l1_warmup_fraction=0.3", "optim.lr=1e-2",
               "optim.b1=0.5", "optim.grad_clip=0.1"]),
     ("topk", ["sae.topk.aux_coefficient=0.5", "sae.topk.dead_tokens_aux=32", "optim.b2=0.9",
               "optim.eps=1e-3"]),

@@ -12,9 +12,11 @@ from saejax.sae.decoder_norm import remove_parallel, unit_rows
 from saejax.sae.init import geometric_median, input_scale
 
 
-def relu_ctx(lam, warmup=0, step=0):
-    return LossContext(step, {"l1_coefficient": jnp.float32(lam),
-                              "l1_warmup_steps": jnp.float32(warmup)})
+def relu_ctx(lam, warmup=0, step=0, target_l0=0.0, log_factor=0.0, scale_to_norm=1.0):
+    return LossContext(step, {"l1_coefficient": jnp.float32(lam), "target_l0": jnp.float32(target_l0),
+                              "l1_warmup_steps": jnp.float32(warmup)},
+                       state={"log_l1_factor": jnp.float32(log_factor)},
+                       scale_to_norm=jnp.float32(scale_to_norm))
 
 
 def topk_ctx(dead, aux_coefficient=1 / 32):
@@ -165,8 +167,10 @@ def test_gradients_equal_the_plain_formula(arch):
     sae = _randomize(make_sae(cfg, seed=3))
     graphdef, params = nnx.split(sae)
     x = jnp.asarray(np.random.default_rng(4).normal(size=(32, 16)), jnp.float32)
-    ctx = LossContext(0, {k: jnp.float32(v) for k, v in get_family(arch).hparams(cfg).items()},
-                      steps_since_fired=jnp.where(jnp.arange(64) % 3 == 0, 10**8, 0))
+    family = get_family(arch)
+    ctx = LossContext(0, {k: jnp.float32(v) for k, v in family.hparams(cfg, 100, 32).items()},
+                      steps_since_fired=jnp.where(jnp.arange(64) % 3 == 0, 10**8, 0),
+                      state=family.init_state(cfg))
 
     def loss(params, plain):
         m = nnx.merge(graphdef, params)
@@ -199,3 +203,35 @@ def test_fired_is_the_modules_method(arch):
     sae = make_sae(cfg, seed=0)
     f = jnp.asarray([[0.0, 1.0, -1.0]])
     np.testing.assert_array_equal(sae.fired(f), [[False, True, False]])
+
+
+def test_lambda_is_defined_on_normalised_inputs():
+    """An SAE on raw inputs x with norm scale s (E||s·x||² = d) has the loss of the same SAE on
+    s·x (its parameters scaled to match) divided by s²: λ means the same either way."""
+    s = 4.0
+    cfg = SAEConfig(arch="relu", d_in=8, n_features=16)
+    raw = _randomize(make_sae(cfg, seed=0))
+    norm = make_sae(cfg, seed=0)
+    p = _params(raw)
+    norm.W_enc[...], norm.b_enc[...] = jnp.asarray(p["W_enc"]), jnp.asarray(p["b_enc"] * s)
+    norm.W_dec[...], norm.b_dec[...] = jnp.asarray(p["W_dec"]), jnp.asarray(p["b_dec"] * s)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 8)), jnp.float32)
+    loss_raw = raw.loss(x, relu_ctx(0.3, scale_to_norm=s))[0]
+    loss_norm = norm.loss(x * s, relu_ctx(0.3))[0]
+    np.testing.assert_allclose(loss_raw * s**2, loss_norm, rtol=1e-5)
+
+
+def test_target_l0_moves_lambda_towards_the_target():
+    cfg = SAEConfig(arch="relu", d_in=8, n_features=64)
+    sae = make_sae(cfg, seed=0)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 8)), jnp.float32)
+    l0 = float(sae.loss(x, relu_ctx(1e-3))[1]["l0"])
+    up = sae.loss(x, relu_ctx(1e-3, target_l0=l0 / 4))[1]["state"]["log_l1_factor"]
+    down = sae.loss(x, relu_ctx(1e-3, target_l0=l0 * 4))[1]["state"]["log_l1_factor"]
+    off = sae.loss(x, relu_ctx(1e-3))[1]["state"]["log_l1_factor"]
+    warming = sae.loss(x, relu_ctx(1e-3, warmup=10, step=3, target_l0=l0 / 4))[1]["state"]
+    assert float(up) > 0 > float(down) and float(off) == 0.0
+    assert float(warming["log_l1_factor"]) == 0.0  # frozen during the λ warm-up
+    # the factor scales λ
+    a = sae.loss(x, relu_ctx(1e-3, log_factor=np.log(2.0)))[1]["l1_coefficient"]
+    np.testing.assert_allclose(a, 2e-3, rtol=1e-5)

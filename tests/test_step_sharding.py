@@ -16,6 +16,7 @@ def _cfg(arch):
     cfg = Config()
     cfg.sae.arch, cfg.sae.d_in, cfg.sae.n_features = arch, 16, 64
     cfg.sae.relu.l1_coefficient = 0.3  # with lr 0.03: 6 features die before step 15
+    cfg.sae.relu.target_l0 = 0.0
     cfg.sae.topk.k, cfg.sae.topk.k_aux, cfg.sae.topk.dead_tokens_aux = 4, 16, 64 * 3
     cfg.train.batch_size, cfg.train.steps, cfg.train.log_every = 64, STEPS, 10
     cfg.optim.lr = 3e-2

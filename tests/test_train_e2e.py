@@ -43,7 +43,8 @@ TIMEOUT = 300  # seconds for any one subprocess run (they take ~10-30 s)
 # resampling events (steps 18 and 36) that do resample features (high lr and λ kill some).
 REF_ARGS = [
     "sae.arch=relu", "sae.d_in=16", "sae.n_features=64", "sae.scale_inputs=true",
-    "sae.relu.l1_coefficient=2", "optim.lr=0.01", "data.n_true_features=16", "data.p_active=0.05",
+    "sae.relu.l1_coefficient=2", "sae.relu.target_l0=0", "optim.lr=0.01",
+    "data.n_true_features=16", "data.p_active=0.05",
     "train.steps=60", "train.batch_size=64", "train.log_every=5", "train.checkpoint_every=10",
     "train.async_checkpointing=true", "train.keep_checkpoints=3", "train.progress=false",
     "resample.at_fractions=[0.3,0.6]", "resample.window_steps=5", "resample.n_inputs=1024",
@@ -279,7 +280,8 @@ def test_recovers_ground_truth_features(tmp_path):
     from saejax.data.synthetic import SyntheticSource, mmcs
 
     cfg = load_config(None, [
-        "sae.d_in=32", "sae.n_features=128", "sae.relu.l1_coefficient=5e-3",
+        "sae.d_in=32", "sae.n_features=128", "sae.relu.l1_coefficient=3.5e-2",
+            "sae.relu.target_l0=0",
         "data.n_true_features=64", "data.p_active=0.03", "optim.decay=constant",
         "train.steps=800", "train.batch_size=512", "train.log_every=100",
         "train.checkpoint_every=800", "resample.enabled=false", f"train.run_dir={tmp_path}"])
@@ -305,7 +307,8 @@ RESAMPLE_AT, WINDOW = 100, 20
 def _dead_feature_run(run_dir: Path, resample: bool) -> list[dict]:
     """256 latents for 16 true features with a large λ: about half die by step 100."""
     cfg = load_config(None, [
-        "sae.d_in=16", "sae.n_features=256", "sae.relu.l1_coefficient=0.2",
+        "sae.d_in=16", "sae.n_features=256", "sae.relu.l1_coefficient=1.5",
+        "sae.relu.target_l0=0", "resample.at_fractions=[]",
         "data.n_true_features=16", "data.p_active=0.05", "optim.decay=constant",
         "train.steps=120", "train.batch_size=256", "train.log_every=10",
         "train.checkpoint_every=1000", f"resample.enabled={str(resample).lower()}",
@@ -407,7 +410,7 @@ def test_resume_with_changed_config_names_the_key(tmp_path, capsys):
     run_dir = tmp_path / "run"
     base = ["sae.d_in=16", "sae.n_features=32", "data.n_true_features=16", "train.steps=10",
             "train.batch_size=64", "train.checkpoint_every=10", "resample.enabled=false",
-            "optim.decay=constant",
+            "optim.decay=constant", "sae.relu.l1_warmup_fraction=0",  # nothing shaped by length
             "train.progress=false", f"train.run_dir={run_dir}"]
     assert cli.main(["train", "--quiet", *base]) == 0
     ckpt_before = sorted(os.listdir(run_dir / "checkpoints"))
@@ -416,7 +419,7 @@ def test_resume_with_changed_config_names_the_key(tmp_path, capsys):
     rc = cli.main(["train", "--quiet", *base, "sae.relu.l1_coefficient=0.5"])
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert "config error" in err and "sae.relu.l1_coefficient: 0.004 -> 0.5" in err, err
+    assert "config error" in err and "sae.relu.l1_coefficient: 0.01 -> 0.5" in err, err
     assert (run_dir / "config.yaml").read_text() == saved_before  # nothing was touched
     assert sorted(os.listdir(run_dir / "checkpoints")) == ckpt_before
 

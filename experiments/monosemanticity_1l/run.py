@@ -117,7 +117,7 @@ def sae_overrides(args, acts: Path, run_dir: Path, n_features: int, seed: int) -
     return [
         "data.source=store", f"data.store_path={acts}", f"data.site={SITE}", "sae.d_in=512",
         f"sae.n_features={n_features}", f"sae.relu.l1_coefficient={args.l1}",
-        "sae.scale_inputs=true", f"sae.relu.l1_warmup_steps={args.sae_steps // 20}",
+        "sae.scale_inputs=true", "sae.relu.l1_warmup_fraction=0.05",
         f"train.steps={args.sae_steps}", f"train.batch_size={args.sae_batch}",
         f"train.seed={seed}", f"train.run_dir={run_dir}", "optim.lr=1e-3",
         "resample.at_fractions=[0.25,0.5,0.75]", f"resample.window_steps={args.sae_steps // 8}",

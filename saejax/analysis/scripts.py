@@ -407,6 +407,11 @@ def format_report(stats: ScriptStats, top_k: int = 10, min_support: int = 10) ->
     lv = "".join(f" >{v:g}{'x' if stats.relative_levels else ''}".rjust(7)
                  for v in stats.levels[1:])
     for c, cls in enumerate(stats.classes):
+        if not stats.n_class[c]:  # say so plainly rather than print tables of zeros
+            lines.append(f"\n{cls}: no {cls} token occurs in the {stats.n_contexts:,} contexts "
+                         f"analysed, so no unit can be ranked for it (analyse contexts that "
+                         f"hold {cls} text)")
+            continue
         lines.append(f"\n{cls}: {int(stats.n_class[c]):,} tokens ({100 * stats.share(cls):.3f}% of "
                      f"counted), {int(stats.n_fragment_in[c]):,} of them fragments resolved in "
                      "context")

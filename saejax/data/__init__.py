@@ -1,9 +1,14 @@
 """Activation sources behind one interface: host-side sources (`saejax.data.source`) and the
-on-the-fly feed, both served to the training loop as a `saejax.data.provider.BatchProvider`."""
+on-the-fly feed, both served to the training loop as a `saejax.data.provider.BatchProvider`;
+and the data paths a run records (`with_absolute_paths`) and finds again (`relocated`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 from saejax.config import Config, ConfigError
+from saejax.files import absolute_path, resolve_data_path
 
 
 def make_provider(cfg: Config, mesh):
@@ -41,3 +46,32 @@ def make_source(cfg: Config):
     if src.d_in != cfg.sae.d_in:
         raise ConfigError(f"data gives vectors of width {src.d_in} but sae.d_in={cfg.sae.d_in}")
     return src
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """`cfg` with its data paths and run_dir absolute (lm_path only when it is a local
+    directory, not a hub id): what a run records, so that its directory does not depend on the
+    directory the command ran in."""
+    d = cfg.data
+    lm_path = absolute_path(d.lm_path) if os.path.isdir(d.lm_path) else d.lm_path
+    data = dataclasses.replace(d, store_path=absolute_path(d.store_path),
+                               tokens_path=absolute_path(d.tokens_path), lm_path=lm_path,
+                               paths=[absolute_path(p) for p in d.paths])
+    train = dataclasses.replace(cfg.train, run_dir=absolute_path(cfg.train.run_dir))
+    return dataclasses.replace(cfg, data=data, train=train)
+
+
+def relocated(cfg: Config, run_dir: str | os.PathLike) -> Config:
+    """A run's recorded config (config.yaml) as seen from where its directory is now: a data path
+    that no longer exists is looked for at the same place relative to `run_dir`
+    (`saejax.files.resolve_data_path`), so a run moved together with its data still works from
+    any directory; train.run_dir becomes `run_dir`."""
+    d, recorded = cfg.data, cfg.train.run_dir
+
+    def find(path: str) -> str:
+        return resolve_data_path(path, recorded, run_dir)
+
+    data = dataclasses.replace(d, store_path=find(d.store_path), tokens_path=find(d.tokens_path),
+                               lm_path=find(d.lm_path), paths=[find(p) for p in d.paths])
+    train = dataclasses.replace(cfg.train, run_dir=os.path.abspath(run_dir))
+    return dataclasses.replace(cfg, data=data, train=train)

@@ -19,7 +19,9 @@ one fewer), for every site. float32 activations are stored as float32; bfloat16 
 bits in uint16 (.npy has no bfloat16), the manifest saying "bfloat16"; readers get float32.
 The manifest records the sites and their widths, every shard's file, row count and sha256,
 each shard's context range and the sha256 of its tokens, ctx_len, dtype, drop_bos/bos_id and
-the caller's provenance (model, tokenizer, token dataset path and manifest hash, ...).
+the caller's provenance (model, tokenizer, token dataset path and manifest hash, ...). A model
+directory recorded with `model_relative` (its path from the store) is found again there when the
+store and the model were moved together (`read_store_manifest`).
 
 Reading. `ActivationStore(path, site, seed)` is an `ActivationSource` over one site: the shards
 memory-mapped as one table, served in the per-epoch shuffled order of `saejax.data.npy`
@@ -119,4 +121,17 @@ def read_store_manifest(path: str | os.PathLike) -> dict[str, Any]:
             if os.path.isabs(s["file"]) or any(p in ("", ".", "..") for p in parts):
                 raise ValueError(f"{file}: sites[{site!r}].shards[{i}] file {s['file']!r} must "
                                  f"be a relative path inside the store")
+    _relocate_provenance(m, path)
     return m
+
+
+def _relocate_provenance(m: dict[str, Any], path: str) -> None:
+    """Point provenance.model at the model directory where it is now, when the store was moved
+    together with it: a recorded path that no longer exists is replaced by the same place
+    relative to the store (`model_relative`), if something is there."""
+    prov = m["provenance"]
+    model, relative = prov.get("model"), prov.get("model_relative")
+    if isinstance(model, str) and isinstance(relative, str) and not os.path.exists(model):
+        moved = os.path.normpath(os.path.join(os.path.abspath(path), relative))
+        if os.path.isdir(moved):
+            prov["model"] = moved

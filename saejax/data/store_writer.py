@@ -322,7 +322,7 @@ def _prepare(out_dir: str, spec: dict[str, Any], overwrite: bool) -> dict[str, A
         if diff:
             raise FileExistsError(f"{out_dir} already holds a complete activation store "
                                   f"harvested with other arguments ({diff}); pass "
-                                  f"overwrite=True to replace it, or choose another directory")
+                                  f"--overwrite to replace it, or choose another directory")
         _clear(out_dir, ours & {PROGRESS, MARKER + ".tmp", MANIFEST + ".tmp"})
         if MARKER in ours:
             os.remove(marker)
@@ -336,7 +336,7 @@ def _prepare(out_dir: str, spec: dict[str, Any], overwrite: bool) -> dict[str, A
         if diff:
             raise ValueError(f"{out_dir} holds an interrupted harvest with other arguments "
                              f"({diff}); re-run with the same arguments to resume it, or pass "
-                             f"overwrite=True to start over")
+                             f"--overwrite to start over")
         return None  # resume: _resume checks the finished shards
     # fresh start: mark first, then (manifest first) remove what an earlier store left
     write_json_atomic(marker, spec)
@@ -364,7 +364,7 @@ def _resume(out_dir: str, spec: dict[str, Any], contexts) -> list[dict[str, Any]
             if rec is None or not _check_record(out_dir, spec, contexts, rec, len(records)):
                 if k < len(lines) - 2:  # not the final line: not a torn append
                     raise ValueError(f"{path}: line {k + 1} is not a valid shard record; the "
-                                     f"progress file is damaged: pass overwrite=True to restart")
+                                     f"progress file is damaged: pass --overwrite to restart")
                 break
             records.append(rec)
             good += len(line) + 1
@@ -406,7 +406,7 @@ def _check_record(out_dir: str, spec: dict[str, Any], contexts, rec: Any, index:
     if _tokens_sha256(_take(contexts, np.arange(a, b), spec["ctx_len"])) != rec["tokens_sha256"]:
         raise ValueError(f"{out_dir}: the tokens of contexts {a}..{b - 1} differ from those "
                          f"shard {index} was harvested from; the token dataset changed: pass "
-                         f"overwrite=True to start over")
+                         f"--overwrite to start over")
     return True
 
 

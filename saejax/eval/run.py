@@ -4,6 +4,8 @@
     print(format_table(results))
 
 writes eval/eval.json (everything `evaluate` returns) and eval/<sae name>_density.png.
+`default_contexts` picks contexts the SAEs were not trained on (those after the contexts their
+activation store harvested), for `saejax eval` and `saejax analyze` without --contexts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,84 @@ from saejax.eval.trained import TrainedSAE, load_sae
 from saejax.files import file_safe, unique_names
 
 EVAL_JSON = "eval.json"
+DEFAULT_N_CONTEXTS = 2000
+"""Contexts evaluated or analysed when none are named."""
+
+
+def _manifest_sha256(tokens_dir: str) -> str | None:
+    """sha256 of a token dataset's manifest (its identity, as a store's provenance records it),
+    None when there is none."""
+    from saejax.atomic import MANIFEST, sha256_file  # noqa: PLC0415
+
+    path = os.path.join(tokens_dir, MANIFEST)
+    return sha256_file(path) if os.path.isfile(path) else None
+
+
+def _store_trained(store_path: str, tokens_sha: str) -> int | None:
+    """Leading contexts of the dataset `tokens_sha` an activation store harvested (0: another
+    dataset; None: the store does not say or cannot be read)."""
+    from saejax.data.store import read_store_manifest  # noqa: PLC0415
+
+    try:
+        m = read_store_manifest(store_path)
+    except (OSError, ValueError):
+        return None
+    recorded = (m["provenance"].get("tokens") or {}).get("manifest_sha256")
+    if recorded is None:
+        return None
+    return m["n_contexts"] if recorded == tokens_sha else 0
+
+
+def trained_contexts(sae_path: str | os.PathLike, tokens_sha: str, n_contexts: int) -> int | None:
+    """How many leading contexts of the token dataset identified by `tokens_sha` (of its
+    n_contexts) the SAE at sae_path was trained on, as far as it records: a store run its
+    harvested prefix, an lm run all of them, a run on another dataset or on synthetic data 0;
+    None when unknown (.npy activations, a SAELens folder not exported from a store run)."""
+    import json  # noqa: PLC0415
+
+    from saejax.export import CFG_FILENAME  # noqa: PLC0415
+    from saejax.runs import read_config  # noqa: PLC0415
+
+    path = Path(sae_path)
+    if not (path / "config.yaml").is_file():  # a SAELens folder: its dataset_path may be a store
+        try:
+            meta = json.loads((path / CFG_FILENAME).read_text()).get("metadata") or {}
+        except (OSError, ValueError):
+            return None
+        store = meta.get("dataset_path")
+        return _store_trained(store, tokens_sha) if isinstance(store, str) else None
+    data = read_config(path).data
+    if data.source == "store":
+        return _store_trained(data.store_path, tokens_sha)
+    if data.source == "lm":
+        sha = _manifest_sha256(data.tokens_path)
+        return None if sha is None else (n_contexts if sha == tokens_sha else 0)
+    return 0 if data.source == "synthetic" else None
+
+
+def default_contexts(sae_paths: Sequence[str | os.PathLike], tokens_path: str | os.PathLike,
+                     fallback: str) -> tuple[str, str]:
+    """(START:STOP, why) for SAEs evaluated on the token dataset at tokens_path when no contexts
+    are named: the DEFAULT_N_CONTEXTS contexts after the last one any of them trained on, when
+    some are left; else `fallback`, with a sentence saying whether it overlaps training data."""
+    from saejax.text.tokens import read_manifest  # noqa: PLC0415
+
+    tokens_path = os.fspath(tokens_path)
+    n = read_manifest(tokens_path)["n_contexts"]
+    sha = _manifest_sha256(tokens_path)
+    seen = [trained_contexts(p, sha, n) for p in sae_paths]
+    start = max((k for k in seen if k is not None), default=0)
+    if start >= n:
+        return fallback, (f"the SAEs were trained on every context of {tokens_path}, so these "
+                          f"overlap their training data (harvest with --holdout N to keep some "
+                          f"out, or pass --contexts)")
+    if start > 0:
+        return (f"{start}:{min(start + DEFAULT_N_CONTEXTS, n)}",
+                f"held out: the SAEs were trained on contexts 0:{start} of {tokens_path}")
+    if None in seen:
+        return fallback, ("which contexts the SAEs were trained on is not recorded; pass "
+                          "--contexts to choose")
+    return fallback, f"held out: the SAEs were not trained on {tokens_path}"
 
 
 def _lm_key(path: str) -> str:

@@ -7,7 +7,7 @@ from saejax.sae.family import (FAMILIES, Family, family_for_saelens, get_family,
                                resample_standard)
 
 register(Family("relu", relu.ReluSAE, hparams=relu.hparams, resample=resample_standard,
-                saelens_architecture="standard"))
+                init_state=relu.init_state, saelens_architecture="standard"))
 register(Family("topk", topk.TopKSAE, hparams=topk.hparams, saelens_architecture="topk",
                 saelens_options=topk.saelens_options, from_saelens=topk.from_saelens,
                 check=topk.check))

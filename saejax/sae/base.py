@@ -35,6 +35,9 @@ class LossContext:
     """int32 [F]: steps since each latent last fired (None: no record, e.g. outside training)."""
     state: dict = field(default_factory=dict)
     """The family's non-parameter state (`Family.init_state`), as carried across steps."""
+    scale_to_norm: jax.Array | float = 1.0
+    """Multiplies the SAE's inputs into normalised units (E||x||² = d_in): 1 when the inputs
+    are scaled (`sae.scale_inputs`), else the norm scale. Penalties are defined there."""
 
 
 def random_directions(key: jax.Array, n: int, d: int) -> jax.Array:

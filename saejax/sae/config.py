@@ -15,10 +15,17 @@ from typing import Literal
 
 @dataclass
 class ReluConfig:
-    l1_coefficient: float = 4e-3
-    """λ in loss = MSE + λ·Σ|f| (the paper's A/5 used 0.004)."""
-    l1_warmup_steps: int = 0
-    """λ rises linearly from 0 over this many steps (Anthropic 2024 recipe); 0 = off."""
+    l1_coefficient: float = 1e-2
+    """λ in loss = MSE + λ·Σ|f|, defined on normalised inputs (mean squared norm d_in) whether or
+    not the SAE's inputs are scaled, so one λ means the same on any data. With target_l0 > 0
+    it is where λ starts; set target_l0=0 to train at this λ (the paper's A/5 used 0.004 on
+    unnormalised activations)."""
+    l1_warmup_fraction: float = 0.05
+    """λ rises linearly from 0 over this fraction of train.steps (Anthropic 2024); 0 = off."""
+    target_l0: float = 16.0
+    """If > 0, λ is adapted during training (after the warm-up) so that the batch L0 approaches
+    this many features per token, starting from l1_coefficient: no λ search by hand (the best λ
+    differs between data sets by several times). 0 = a fixed λ."""
     decoder_norm: Literal["unit", "l1_weighted"] = "unit"
     """`unit` keeps decoder rows at unit norm (grad parallel to each row removed before the
     optimizer step, rows renormalised after); `l1_weighted` leaves them free and weights each
@@ -31,12 +38,19 @@ class ReluConfig:
 class TopKConfig:
     k: int = 32
     """Number of active latents per token."""
-    k_aux: int = 256
-    """Number of dead latents used by the AuxK loss (Gao et al.: d_model/2 or 256)."""
+    k_aux: int = 0
+    """Number of dead latents used by the AuxK loss; 0 = d_in/2 (Gao et al.: d_model/2), at most
+    half the dictionary."""
     aux_coefficient: float = 1 / 32
     """Weight α of the AuxK loss."""
-    dead_tokens_aux: int = 10_000_000
-    """A latent counts as dead for AuxK when it has not fired in this many tokens."""
+    dead_tokens_aux: int = 0
+    """A latent counts as dead for AuxK when it has not fired in this many tokens; 0 = a tenth of
+    the run's tokens, at most 10M (Gao et al.'s window)."""
+
+
+def k_aux(cfg: "SAEConfig") -> int:
+    """The AuxK width in use (`TopKConfig.k_aux`, 0 resolved)."""
+    return cfg.topk.k_aux or max(1, min(cfg.d_in // 2, cfg.n_features // 2))
 
 
 @dataclass
@@ -48,9 +62,10 @@ class SAEConfig:
     """Width of the input activations (d_model, or d_mlp for MLP activations)."""
     n_features: int = 512
     """Dictionary size F (number of latents)."""
-    scale_inputs: bool = False
+    scale_inputs: bool = True
     """Scale inputs by one scalar so their mean squared norm is d_in (Anthropic 2024); the scalar
-    is estimated once from a data sample and folded into the weights on export."""
+    is estimated once from a data sample and folded into the weights on export. Penalties are
+    defined on normalised inputs either way."""
     init_b_dec_median: bool = True
     """Initialise b_dec (b_pre for topk) to the geometric median of a data sample (Weiszfeld)."""
     relu: ReluConfig = field(default_factory=ReluConfig)

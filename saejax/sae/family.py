@@ -42,7 +42,7 @@ def resample_standard(params: dict, dead: jax.Array, unit: jax.Array,
     return new, masks
 
 
-def _none(cfg: SAEConfig) -> dict:
+def _none(cfg: SAEConfig, *run) -> dict:
     return {}
 
 
@@ -52,9 +52,10 @@ class Family:
     """`sae.arch` value."""
     module: type[SAE]
     """The nnx module: `module(cfg, rngs=...)`, with encode/decode/loss/fired and `AXES`."""
-    hparams: Callable[[SAEConfig], dict[str, float]] = _none
-    """Scalars of the loss carried in the train state as arrays (not compiled in), so one
-    compiled step serves many settings; the loss reads them from `LossContext.hparams`."""
+    hparams: Callable[[SAEConfig, int, int], dict[str, float]] = _none
+    """(cfg, train steps, batch size) -> scalars of the loss carried in the train state as
+    arrays (not compiled in), so one compiled step serves many settings; the loss reads them
+    from `LossContext.hparams`."""
     resample: Callable[..., tuple[dict, dict]] | None = None
     """How dead features are reinitialised (`resample_standard`'s signature), or None: the
     family is never resampled (e.g. TopK, which has AuxK)."""

@@ -22,5 +22,8 @@ def geometric_median(x: jax.Array, iters: int = 100, eps: float = 1e-8) -> jax.A
 
 
 def input_scale(x: jax.Array) -> jax.Array:
-    """Scalar s with E||s·x||² = d_in (Anthropic 2024 input normalisation)."""
-    return jnp.sqrt(x.shape[-1] / jnp.mean(jnp.sum(jnp.square(x), axis=-1)))
+    """Scalar s with E||s·x||² = d_in (Anthropic 2024 input normalisation), over the rows that
+    are finite (a bad row in the sample is the data's fault, reported when it is trained on)."""
+    sq = jnp.sum(jnp.square(x), axis=-1)
+    ok = jnp.isfinite(sq)
+    return jnp.sqrt(x.shape[-1] * jnp.maximum(ok.sum(), 1) / jnp.sum(jnp.where(ok, sq, 0.0)))

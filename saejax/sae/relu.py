@@ -4,7 +4,9 @@
     loss = MSE (mean over vector elements) + λ_t · Σ_features |f_i| · w_i
 
 w_i = 1 with the unit-norm decoder; w_i = ||W_dec[i]|| with `decoder_norm="l1_weighted"`
-(Anthropic 2024), where the decoder norm is left free instead. λ_t = λ·min(1, (t+1)/warm-up).
+(Anthropic 2024), where the decoder norm is left free instead. λ_t = λ·min(1, (t+1)/warm-up),
+times the factor an L0 target has set, and λ is defined on normalised inputs: on raw inputs
+x (norm scale s, E||s·x||² = d_in) the loss is the normalised one divided by s², so λ/s applies.
 """
 
 from __future__ import annotations
@@ -19,16 +21,38 @@ from saejax.sae.stats import reconstruction_metrics
 from saejax.sae.decoder_norm import row_norms
 
 
-def hparams(cfg: SAEConfig) -> dict[str, float]:
-    return {"l1_coefficient": cfg.relu.l1_coefficient,
-            "l1_warmup_steps": float(cfg.relu.l1_warmup_steps)}
+TARGET_RATE = 0.01
+"""With `target_l0`, log λ moves by at most this much per step (an e-fold in 100 steps)."""
+
+
+def hparams(cfg: SAEConfig, steps: int, batch_size: int) -> dict[str, float]:
+    r = cfg.relu
+    return {"l1_coefficient": r.l1_coefficient, "target_l0": r.target_l0,
+            "l1_warmup_steps": float(round(r.l1_warmup_fraction * steps))}
+
+
+def init_state(cfg: SAEConfig) -> dict[str, jax.Array]:
+    """log of the factor the L0 target has applied to λ (0 without a target)."""
+    return {"log_l1_factor": jnp.zeros((), jnp.float32)}
 
 
 def l1_coefficient(ctx: LossContext) -> jax.Array:
-    """λ at ctx.step, with the optional linear warm-up (warm-up 0 = off)."""
-    lam, warm = ctx.hparams["l1_coefficient"], ctx.hparams["l1_warmup_steps"]
+    """λ at ctx.step in the units of the SAE's inputs: the warm-up ramp, the L0 target's factor,
+    and λ/s when the inputs are not normalised (s = `LossContext.scale_to_norm`)."""
+    warm = ctx.hparams["l1_warmup_steps"]
     ramp = jnp.minimum(1.0, (jnp.asarray(ctx.step, jnp.float32) + 1) / jnp.maximum(warm, 1.0))
-    return lam * jnp.where(warm > 0, ramp, 1.0)
+    lam = ctx.hparams["l1_coefficient"] * jnp.exp(ctx.state["log_l1_factor"])
+    return lam * jnp.where(warm > 0, ramp, 1.0) / ctx.scale_to_norm
+
+
+def next_l1_factor(ctx: LossContext, l0: jax.Array) -> jax.Array:
+    """The L0 target's controller: log λ follows log(L0 / target), clipped, once warmed up."""
+    target = ctx.hparams["target_l0"]
+    error = jnp.clip(jnp.log((l0 + 0.1) / jnp.maximum(target, 1e-6)), -1.0, 1.0)
+    active = (target > 0) & (jnp.asarray(ctx.step, jnp.float32) >= ctx.hparams["l1_warmup_steps"])
+    old = ctx.state["log_l1_factor"]
+    return jnp.where(active, jnp.clip(old + TARGET_RATE * jax.lax.stop_gradient(error), -20, 20),
+                     old)
 
 
 class ReluSAE(SAE):
@@ -49,8 +73,11 @@ class ReluSAE(SAE):
         x_hat = self.decode(f)
         l1 = self._l1(f).mean()
         metrics = reconstruction_metrics(x, x_hat, self.fired(f))
-        loss = metrics["mse"] + l1_coefficient(ctx) * l1
-        return loss, {**metrics, "l1": l1, "loss": loss, "f": f}
+        lam = l1_coefficient(ctx)
+        loss = metrics["mse"] + lam * l1
+        state = {"log_l1_factor": next_l1_factor(ctx, metrics["l0"])}
+        return loss, {**metrics, "l1": l1, "loss": loss, "l1_coefficient": lam * ctx.scale_to_norm,
+                      "f": f, "state": state}
 
     def per_input_loss(self, x: jax.Array, ctx: LossContext) -> jax.Array:
         f = self.encode(x)

@@ -17,20 +17,26 @@ from flax import nnx
 
 from saejax.errors import ConfigError
 from saejax.sae.base import SAE, LossContext
-from saejax.sae.config import SAEConfig
+from saejax.sae.config import SAEConfig, k_aux
 from saejax.sae.stats import reconstruction_metrics
 
 
-def hparams(cfg: SAEConfig) -> dict[str, float]:
-    return {"aux_coefficient": cfg.topk.aux_coefficient,
-            "dead_tokens_aux": float(cfg.topk.dead_tokens_aux)}
+AUX_WINDOW_TOKENS = 10_000_000
+"""Gao et al.'s AuxK window: dead = no activation in 10M tokens."""
+
+
+def hparams(cfg: SAEConfig, steps: int, batch_size: int) -> dict[str, float]:
+    window = cfg.topk.dead_tokens_aux or min(AUX_WINDOW_TOKENS, steps * batch_size // 10)
+    return {"aux_coefficient": cfg.topk.aux_coefficient, "dead_tokens_aux": float(window)}
 
 
 def check(cfg: SAEConfig) -> None:
-    for name in ("k", "k_aux"):
-        if not 0 < getattr(cfg.topk, name) <= cfg.n_features:
-            raise ConfigError(f"sae.topk.{name}={getattr(cfg.topk, name)} must be in "
-                              f"[1, sae.n_features={cfg.n_features}]")
+    t, n = cfg.topk, cfg.n_features
+    if not 0 < t.k <= n:
+        raise ConfigError(f"sae.topk.k={t.k} must be in [1, sae.n_features={n}]")
+    if not 0 <= t.k_aux <= n:
+        raise ConfigError(f"sae.topk.k_aux={t.k_aux} must be in [0, sae.n_features={n}] "
+                          "(0 = d_in/2)")
 
 
 def saelens_options(cfg: SAEConfig) -> dict:
@@ -57,7 +63,7 @@ def keep_top_k(pre: jax.Array, k: int) -> jax.Array:
 class TopKSAE(SAE):
     def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs, enc_from_dec=True)
-        self.k, self.k_aux = cfg.topk.k, cfg.topk.k_aux
+        self.k, self.k_aux = cfg.topk.k, k_aux(cfg)
 
     def encode(self, x: jax.Array) -> jax.Array:
         return keep_top_k(self.pre_activations(x), self.k)

@@ -4,7 +4,8 @@
 
 `corpus` yields documents, `tokenizer` loads HF tokenizers or trains a byte-level BPE offline,
 `tokens` packs token streams into fixed-length contexts and reads them back (`TokenDataset`),
-`labels` says what tokens are as text (their bytes, display strings and writing systems).
+`labels` says what tokens are as text (their bytes, display strings and writing systems);
+`tokenize` is the `saejax tokenize` command (every check first, then an atomic write).
 transformers, tokenizers and datasets are imported only where used.
 """
 

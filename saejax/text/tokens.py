@@ -33,7 +33,9 @@ packer's carry-over tokens and the document position saved per shard; tokenizing
 next to the LM forward passes that consume the tokens, so the simpler contract wins.) A
 directory with a manifest is complete: the writer refuses it unless `overwrite=True`, which
 removes the manifest *first*, so a crash mid-overwrite leaves a directory that is visibly
-not a dataset. A non-empty directory the writer did not create is never touched.
+not a dataset (`saejax.text.tokenize`, the command, instead writes the new dataset beside the
+old one and swaps it in whole). A non-empty directory the writer did not create is never
+touched.
 """
 
 from __future__ import annotations
@@ -151,12 +153,15 @@ def write_token_dataset(docs: Iterable[str], tokenizer, out_dir: str | os.PathLi
                         separator: Separator = "eos", contexts_per_shard: int = 8192,
                         batch_documents: int = 256, max_contexts: int | None = None,
                         overwrite: bool = False, source: Any = None,
+                        tokenizer_path: str | None = None,
                         progress: bool = False) -> "TokenDataset":
     """Tokenize `docs`, pack them into [N, ctx_len] contexts and write a token dataset to
     `out_dir` (layout, packing and restart rules in the module docstring); return it opened.
 
     `source` describes the documents for the manifest (default: `docs.describe()` when docs is
-    a `Corpus`). `max_contexts` stops after that many contexts (a fixed-size subset)."""
+    a `Corpus`). `max_contexts` stops after that many contexts (a fixed-size subset).
+    `tokenizer_path` is the tokenizer's location recorded in the manifest (default: the one it
+    was loaded from; give it when the tokenizer directory is about to be moved into place)."""
     if contexts_per_shard < 1:
         raise ValueError(f"contexts_per_shard must be >= 1, got {contexts_per_shard}")
     if batch_documents < 1:
@@ -217,7 +222,8 @@ def write_token_dataset(docs: Iterable[str], tokenizer, out_dir: str | os.PathLi
         "n_tokens": n_written * ctx_len, "contexts_per_shard": contexts_per_shard,
         "bos": bos, "separator": separator if bos != "document" else None,
         "bos_id": bos_id, "sep_id": sep_id,
-        "tokenizer": {"name_or_path": tokenizer_name(tokenizer), "vocab_size": vocab_size,
+        "tokenizer": {"name_or_path": tokenizer_path or tokenizer_name(tokenizer),
+                      "vocab_size": vocab_size,
                       "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token},
         "source": source,
         "n_documents": packer.n_documents,
@@ -230,23 +236,41 @@ def write_token_dataset(docs: Iterable[str], tokenizer, out_dir: str | os.PathLi
     return TokenDataset(out_dir)
 
 
-def prepare_output_dir(out_dir: str, overwrite: bool) -> None:
-    """Make `out_dir` an empty-of-shards directory marked incomplete (restart rules in the
-    module docstring); refuse a complete dataset without `overwrite`, and any foreign file."""
-    os.makedirs(out_dir, exist_ok=True)
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> set[str]:
+    """Refuse `out_dir` as a place to write a token dataset, touching nothing: a complete dataset
+    without `overwrite`, a file, foreign files, shards nobody marked. Returns the names it
+    holds (empty when it does not exist)."""
+    out_dir = os.fspath(out_dir)
+    if not os.path.exists(out_dir):
+        return set()
+    if not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} is a file, not a directory: choose another out_dir")
     names = set(os.listdir(out_dir))
-    manifest = os.path.join(out_dir, MANIFEST)
     if MANIFEST in names and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a complete token dataset ({MANIFEST}); "
-                              f"pass overwrite=True to replace it, or choose another directory")
-    ours = {n for n in names if _SHARD.match(n)} | ({MANIFEST, MANIFEST + ".tmp", MARKER} & names)
-    foreign = sorted(names - ours)
+                              f"pass --overwrite to replace it, or choose another directory")
+    foreign = sorted(names - _ours(names))
     if foreign:
         raise FileExistsError(f"{out_dir} holds files a token dataset does not ({foreign[:5]}); "
                               f"refusing to write into it: choose an empty or new directory")
     if names and MARKER not in names and MANIFEST not in names:
         raise FileExistsError(f"{out_dir} holds token shards but neither {MANIFEST} nor the "
                               f"{MARKER} marker of an interrupted write; remove them by hand")
+    return names
+
+
+def _ours(names: set[str]) -> set[str]:
+    """The names of a directory listing that a token-dataset writer makes."""
+    return {n for n in names if _SHARD.match(n)} | ({MANIFEST, MANIFEST + ".tmp", MARKER} & names)
+
+
+def prepare_output_dir(out_dir: str, overwrite: bool) -> None:
+    """Make `out_dir` an empty-of-shards directory marked incomplete (restart rules in the
+    module docstring); refuse what `check_output_dir` refuses."""
+    names = check_output_dir(out_dir, overwrite)
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = os.path.join(out_dir, MANIFEST)
+    ours = _ours(names)
     _touch(os.path.join(out_dir, MARKER))  # before anything is deleted or written
     if MANIFEST in names:
         os.remove(manifest)  # first: from here on the directory is visibly incomplete

@@ -43,11 +43,12 @@ from jax.sharding import Mesh, NamedSharding
 from saejax import config as config_lib
 from saejax import sharding
 from saejax.config import ConfigError, MeshConfig
+from saejax.typedconfig import check_ranges
 from saejax.data.order import epoch_order
 from saejax.data.provider import HostProvider
 from saejax.lm.model import ACTIVATIONS, LM, LMConfig
 from saejax.train.runner import (MetricsFile, Runner, Throughput, compile_step, due, n_params,
-                                 prepare_run_dir, read_back, start_record)
+                                 prepare_run_dir, read_back, start_record, storage_errors)
 from saejax.train.schedule import lr_schedule
 
 F32 = jnp.float32
@@ -163,27 +164,26 @@ def load_lm_train_config(path: str | os.PathLike | None = None,
     return config_lib.load_dataclass(LMTrainConfig, path, overrides)
 
 
+RANGES = {
+    "model.n_layer": ">= 1", "model.n_embd": ">= 1", "model.n_head": ">= 1",
+    "model.n_inner": ">= 1", "model.n_positions": ">= 0", "model.vocab_size": ">= 0",
+    "model.layer_norm_epsilon": "> 0",
+    "data.val_contexts": ">= 0",
+    "optim.lr": "> 0", "optim.warmup_steps": ">= 0", "optim.min_lr_ratio": "[0, 1]",
+    "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.eps": "> 0", "optim.weight_decay": ">= 0",
+    "optim.grad_clip": ">= 0",
+    "train.steps": ">= 1", "train.batch_size": ">= 1", "train.seed": ">= 0",
+    "train.log_every": ">= 1", "train.eval_every": ">= 0", "train.checkpoint_every": ">= 1",
+    "train.keep_checkpoints": ">= 1",
+    "mesh.data": "-1 or >= 1", "mesh.model": ">= 1",
+}  # fmt: skip
+"""The range of every numeric field (`typedconfig.check_ranges`; NaN/Inf is rejected for all)."""
+
+
 def validate(cfg: LMTrainConfig) -> None:
     """Field checks that need no dataset (`_check_against_data` does the rest)."""
-    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
-    positive = {
-        "model.n_layer": m.n_layer, "model.n_embd": m.n_embd, "model.n_head": m.n_head,
-        "model.n_inner": m.n_inner, "train.steps": t.steps, "train.batch_size": t.batch_size,
-        "train.log_every": t.log_every, "train.checkpoint_every": t.checkpoint_every,
-        "train.keep_checkpoints": t.keep_checkpoints, "optim.lr": o.lr,
-    }  # fmt: skip
-    for name, v in positive.items():
-        if v <= 0:
-            raise ConfigError(f"{name} must be > 0, got {v}")
-    non_negative = {
-        "model.n_positions": m.n_positions, "model.vocab_size": m.vocab_size,
-        "data.val_contexts": d.val_contexts, "train.eval_every": t.eval_every,
-        "optim.warmup_steps": o.warmup_steps, "optim.weight_decay": o.weight_decay,
-        "optim.grad_clip": o.grad_clip, "optim.min_lr_ratio": o.min_lr_ratio,
-    }  # fmt: skip
-    for name, v in non_negative.items():
-        if v < 0:
-            raise ConfigError(f"{name} must be >= 0, got {v}")
+    m, d = cfg.model, cfg.data
+    check_ranges(cfg, RANGES)
     if m.n_embd % m.n_head:
         raise ConfigError(f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd}")
     if m.activation_function not in ACTIVATIONS:
@@ -527,8 +527,10 @@ def train_lm(cfg: LMTrainConfig, *, stop_at: int | None = None, quiet: bool = Fa
                        "n_params": n_params(state.params), "tokens_per_s": clock.mean(),
                        "hf_dir": None}
             if stop == t.steps:
-                hf_dir = save_hf(state.params, lm_cfg, run_dir / "hf", _tokenizer_dir(cfg, dataset),
-                                 overwrite=True, **_special_ids(dataset))
+                with storage_errors(run_dir):
+                    hf_dir = save_hf(state.params, lm_cfg, run_dir / "hf",
+                                     _tokenizer_dir(cfg, dataset), overwrite=True,
+                                     **_special_ids(dataset))
                 summary["hf_dir"] = str(hf_dir)
                 log.write({"event": "summary", **summary})
     if not quiet and jax.process_index() == 0:

@@ -9,6 +9,7 @@ continues bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -17,12 +18,15 @@ import numpy as np
 
 from saejax import config as config_lib
 from saejax import sharding
-from saejax.config import Config
-from saejax.data import make_provider
+from saejax.config import Config, ConfigError
+from saejax.data import make_provider, relocated, with_absolute_paths
 from saejax.sae.stats import dead_fraction, density_summary, heldout_metrics
 from saejax.sharding import make_mesh, to_host
-from saejax.train.runner import (MetricsFile, Runner, Throughput, compile_step, due,
+from saejax.train.runner import (MetricsFile, Runner, Throughput, all_finite, compile_step, due,
                                  prepare_run_dir, read_back, start_record)
+from saejax.train import state as state_lib
+from saejax.train.memory import check_memory
+from saejax.train.resample import CHUNK, resample
 from saejax.train.step import StepContract
 
 # Config fields that may change when a run is resumed (they do not change what is computed).
@@ -35,11 +39,28 @@ EVAL_ROWS = 32_768
 
 
 def resumable_changes(cfg: Config) -> set[str]:
-    """RESUMABLE_CHANGES, plus train.steps when the run length shapes nothing (a constant LR and
-    resampling at fixed steps): a decaying LR or resampling at fractions of the run would
-    silently differ from the run that was started."""
-    fixed_length = cfg.optim.decay == "constant" and not cfg.resample.at_fractions
+    """RESUMABLE_CHANGES, plus train.steps when the run's length shapes nothing it computes: a
+    constant LR, no resampling at fractions of the run, and hyperparameters (λ warm-up, dead
+    windows) that are not fractions of the run. Otherwise a longer run would silently differ
+    from the run that was started."""
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                steps=2 * cfg.train.steps))
+    resamples = bool(config_lib.resample_steps(cfg))
+    now, then = state_lib.hparams(cfg), state_lib.hparams(longer)
+    same_hparams = all(float(now[k]) == float(then[k]) for k in now
+                       if resamples or not k.startswith("resample_"))
+    fixed_length = (cfg.optim.decay == "constant" and same_hparams
+                    and not (cfg.resample.at_fractions and resamples))
     return RESUMABLE_CHANGES | ({"train.steps"} if fixed_length else set())
+
+
+def recorded_view(run_dir: Path):
+    """How a run's recorded config is compared with a command's: data paths absolute, and found
+    again next to the run directory when it moved with its data."""
+    def view(tree: dict) -> dict:
+        cfg = config_lib.from_dict(Config, tree)
+        return config_lib.to_dict(with_absolute_paths(relocated(cfg, run_dir)))
+    return view
 
 
 def check_resumable(saved: dict, cfg: Config) -> None:
@@ -50,6 +71,25 @@ def sample_rows(data, n: int, seed: int, mesh) -> jax.Array:
     """A deterministic sample of about n rows from the batch provider `data`, as a global array
     (n rounded down so the `batch` axis divides it)."""
     return data.sample(n - n % sharding.axis_size(mesh, "batch"), seed)
+
+
+def init_from_data(contract: StepContract, data, cfg: Config, mesh):
+    """A fresh state, initialised from a data sample (input scale, geometric median); refused
+    when that made it NaN/Inf: the data holds NaN/Inf values, and every loss would be NaN."""
+    state = contract.init(sample_rows(data, INIT_SAMPLE, cfg.train.seed, mesh))
+    if not all_finite(state):
+        raise ConfigError(f"data.source={cfg.data.source}: the data holds NaN or Inf values (the "
+                          f"SAE initialised from {INIT_SAMPLE} sampled rows is not finite)")
+    return state
+
+
+def resample_chunks(data, cfg: Config, seed: int, mesh):
+    """About resample.n_inputs rows for a resampling event, one chunk at a time (drawn only as
+    the resampler asks: never all at once, and not at all when no feature is dead)."""
+    n = cfg.resample.n_inputs
+    chunk = min(CHUNK, n)
+    for i in range(-(-n // chunk)):
+        yield sample_rows(data, chunk, seed * 1009 + i, mesh)
 
 
 def dead_window_steps(cfg: Config) -> int:
@@ -74,9 +114,11 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
     config_lib.validate(cfg, jax.device_count())
     t = cfg.train
     run_dir = Path(t.run_dir)
-    prepare_run_dir(run_dir, cfg, resumable_changes(cfg))
+    check_memory(cfg, *config_lib.resolve_mesh_shape(cfg.mesh, jax.device_count()),
+                 eval_rows=EVAL_ROWS, chunk_rows=CHUNK)
     mesh = make_mesh(cfg.mesh)
-    data = make_provider(cfg, mesh)
+    data = make_provider(cfg, mesh)  # a data path or shape at fault is refused before any write
+    prepare_run_dir(run_dir, cfg, resumable_changes(cfg), view=recorded_view(run_dir))
     contract = StepContract.build(cfg, mesh)
     batch = jax.ShapeDtypeStruct((t.batch_size, cfg.sae.d_in), jnp.float32,
                                  sharding=contract.batch_sharding)
@@ -87,7 +129,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
     with Runner(run_dir, keep=t.keep_checkpoints, async_save=t.async_checkpointing) as runner:
         restored = runner.restore(contract.abstract_state())
         start, state = ((restored[0], restored[1]) if restored is not None else
-                        (0, contract.init(sample_rows(data, INIT_SAMPLE, t.seed, mesh))))
+                        (0, init_from_data(contract, data, cfg, mesh)))
         with MetricsFile(run_dir, start_step=start, total_steps=t.steps,
                          tensorboard=t.tensorboard, progress=t.progress and not quiet) as log:
             if start == 0:
@@ -104,9 +146,9 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
                     log.show(done, loss=f"{record['loss']:.4g}", l0=f"{record['l0']:.1f}",
                              tok_s=f"{record['tokens_per_s']:.3g}")
                 if done in resample_at:
-                    x = sample_rows(data, cfg.resample.n_inputs, t.seed * 7919 + done, mesh)
-                    state, n_dead = contract.resample_fn(state, x)
-                    log.write({"step": done, "event": "resample", "n_resampled": int(n_dead)})
+                    chunks = resample_chunks(data, cfg, t.seed * 7919 + done, mesh)
+                    state, n_dead = resample(contract, state, chunks)
+                    log.write({"step": done, "event": "resample", "n_resampled": n_dead})
                 if due(done, t.checkpoint_every, t.steps):
                     runner.save(done, state, meta)
                 return state

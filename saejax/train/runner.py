@@ -13,6 +13,7 @@ of the step, so the checkpointed state is all a resumed run needs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import time
@@ -22,12 +23,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
 from saejax import config as config_lib
 from saejax.atomic import write_text_atomic
 from saejax.checkpoint import Checkpointer
-from saejax.errors import NonFiniteLossError
+from saejax.errors import NonFiniteLossError, SaejaxError, StorageError, os_fault, resume_hint
+from saejax.typedconfig import read_yaml
 from saejax.sharding import to_host
 
 MAX_STEPS_IN_FLIGHT = 3
@@ -37,17 +38,52 @@ deadlocks the CPU backend's collectives once many multi-device steps are queued 
 CPU devices: "Expected 8 threads to join the rendezvous"); the bound also caps queued batches."""
 
 
-def prepare_run_dir(run_dir: Path, cfg: Any, resumable: set[str]) -> None:
-    """Create run_dir; refuse it if it holds a run whose config.yaml differs from the config
-    dataclass `cfg` outside the `resumable` fields; write config.yaml (process 0, atomically:
-    the other processes of the run read it concurrently)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    if path.exists():
-        saved = yaml.safe_load(path.read_text()) or {}
-        config_lib.check_same_run(saved, cfg, resumable, run_dir)
-    if jax.process_index() == 0:
-        config_lib.save_config(cfg, path)
+def prepare_run_dir(run_dir: Path, cfg: Any, resumable: set[str],
+                    view: Callable[[dict], dict] | None = None) -> None:
+    """Refuse run_dir if its config.yaml or any of its checkpoints (each carries its config)
+    holds a run whose config differs from the config dataclass `cfg` outside the `resumable`
+    fields, so a run that lost its config.yaml is never continued under other settings; then
+    create run_dir and write config.yaml (process 0, atomically: the other processes of the run
+    read it concurrently). Nothing is written before every check has passed.
+
+    view: maps a config (as a dict) to what is compared, on both sides (e.g. data paths made
+    absolute and found again after the run directory moved with its data)."""
+    view = view or (lambda tree: tree)
+    current = view(config_lib.to_dict(cfg))
+
+    def check(saved: dict, where: str) -> None:
+        config_lib.check_same_run(view(saved), current, resumable, run_dir, where=where)
+
+    with storage_errors(run_dir):
+        if run_dir.exists() and not run_dir.is_dir():
+            raise StorageError(f"run_dir {run_dir} is a file, not a directory")
+        path = run_dir / "config.yaml"
+        if path.exists():
+            check(read_yaml(path, "the run's config"), "config.yaml")
+        metas = Checkpointer(run_dir / "checkpoints", read_only=True).saved_metas()
+        for step, meta in metas.items():
+            if "config" in meta:
+                check(meta["config"], f"checkpoint step {step}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            config_lib.save_config(cfg, path)
+
+
+@contextlib.contextmanager
+def storage_errors(run_dir: Path):
+    """An OS error (no space, read-only, a path under a file, ...) raised in the block becomes
+    one StorageError line naming it and, when run_dir has a checkpoint, the last good step and
+    that rerunning the same command resumes. Other errors pass unchanged."""
+    try:
+        yield
+    except SaejaxError:
+        raise
+    except Exception as e:
+        fault = os_fault(e)
+        if fault is None:
+            raise
+        last = Checkpointer(run_dir / "checkpoints", read_only=True).latest_step()
+        raise StorageError(f"run_dir {run_dir}: {fault}{resume_hint(last)}") from None
 
 
 def compile_step(step_fn, *abstract_args) -> tuple[Callable, Any]:
@@ -100,6 +136,11 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def all_finite(tree) -> bool:
+    """Whether every value of the pytree of arrays is finite (one scalar read back)."""
+    return bool(to_host(_all_finite(tree)))
+
+
 # ---------------------------------------------------------------- checkpoints and the loop
 
 
@@ -109,7 +150,8 @@ class Runner:
 
     def __init__(self, run_dir: Path, *, keep: int, async_save: bool):
         self.ckpt_dir = run_dir / "checkpoints"
-        self.ckpt = Checkpointer(self.ckpt_dir, keep=keep, async_save=async_save)
+        with storage_errors(run_dir):
+            self.ckpt = Checkpointer(self.ckpt_dir, keep=keep, async_save=async_save)
 
     def restore(self, abstract_state) -> tuple[int, Any, dict] | None:
         """(step, state, meta) of the newest good checkpoint, laid out as `abstract_state`."""
@@ -140,6 +182,7 @@ class Runner:
             self.ckpt.wait()
         except NonFiniteLossError as e:
             self.ckpt.wait()
+            # No "rerun to resume" here: the same command would reach the same NaN.
             raise NonFiniteLossError(
                 f"{e}; stopped without saving. Last good checkpoint: "
                 f"{self.ckpt.latest_step()} in {self.ckpt_dir}") from None
@@ -150,9 +193,15 @@ class Runner:
     def __enter__(self) -> "Runner":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.ckpt.wait()
-        self.ckpt.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.ckpt.wait()
+            self.ckpt.close()
+        except Exception:
+            if exc is None:
+                raise
+            # Already failing: the first error is the one to report (a failed async save
+            # re-raises on every later wait).
 
 
 # ---------------------------------------------------------------- metrics.jsonl
@@ -166,10 +215,11 @@ class MetricsFile:
 
     def __init__(self, run_dir: Path, *, start_step: int, total_steps: int,
                  tensorboard: bool = False, progress: bool = False):
-        self.path = run_dir / "metrics.jsonl"
+        self.run_dir, self.path = run_dir, run_dir / "metrics.jsonl"
         self.is_main = jax.process_index() == 0
         if self.is_main:
-            self._truncate_after(start_step)
+            with storage_errors(run_dir):
+                self._truncate_after(start_step)
         self.tb = self.bar = None
         if tensorboard and self.is_main:
             from tensorboardX import SummaryWriter
@@ -196,7 +246,7 @@ class MetricsFile:
     def write(self, record: dict) -> None:
         if not self.is_main:
             return
-        with self.path.open("a") as fh:
+        with storage_errors(self.run_dir), self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for k, v in record.items():

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from saejax import sharding
 from saejax.config import Config
-from saejax.sae import get_family
+from saejax.sae import LossContext, get_family
 from saejax.sae.init import geometric_median, input_scale
 from saejax.train.schedule import lr_schedule
 
@@ -42,6 +42,9 @@ class TrainState:
     """int32 [F]: tokens on which each feature fired in the current logging window."""
     input_scale: jax.Array
     """float32 scalar: inputs are multiplied by this before the SAE (1 unless sae.scale_inputs)."""
+    norm_scale: jax.Array
+    """float32 scalar s with E||s·x||² = d_in on a data sample: the units penalties are defined
+    in, whether or not the inputs are scaled (then input_scale = s)."""
     rng: jax.Array
     """uint32 [2]: PRNG key for resampling, advanced on use."""
     nonfinite_step: jax.Array
@@ -67,10 +70,23 @@ def lr_at(cfg: Config, peak: jax.Array, step: jax.Array) -> jax.Array:
 
 def hparams(cfg: Config) -> dict[str, jax.Array]:
     """The hyperparameters carried as data (see the module docstring)."""
-    values = {"lr": cfg.optim.lr, "resample_window_steps": float(cfg.resample.window_steps),
+    t = cfg.train
+    values = {"lr": cfg.optim.lr, "resample_window_steps": float(resample_window(cfg)),
               "resample_enc_scale": cfg.resample.enc_scale,
-              **get_family(cfg.sae.arch).hparams(cfg.sae)}
+              **get_family(cfg.sae.arch).hparams(cfg.sae, t.steps, t.batch_size)}
     return {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+
+
+def resample_window(cfg: Config) -> int:
+    """Steps without firing that make a feature dead for resampling (0 = an eighth of the run:
+    half the spacing of resampling at 25/50/75%, the paper's proportion)."""
+    return cfg.resample.window_steps or max(1, cfg.train.steps // 8)
+
+
+def loss_context(state: "TrainState") -> LossContext:
+    """What the family's loss needs besides parameters and data, from the state."""
+    return LossContext(state.step, state.hparams, steps_since_fired(state), state.family_state,
+                       scale_to_norm=state.norm_scale / state.input_scale)
 
 
 def steps_since_fired(state: TrainState) -> jax.Array:
@@ -83,10 +99,11 @@ def init_state(cfg: Config, tx: optax.GradientTransformation, sample: jax.Array 
     s = cfg.sae
     family = get_family(s.arch)
     params = nnx.to_pure_dict(nnx.split(family.make(s, seed=cfg.train.seed))[1])
-    scale = jnp.ones((), jnp.float32)
+    norm = scale = jnp.ones((), jnp.float32)
     if sample is not None:
+        norm = input_scale(sample)
         if s.scale_inputs:
-            scale = input_scale(sample)
+            scale = norm
         if s.init_b_dec_median:
             params["b_dec"] = geometric_median(sample * scale)
     n = s.n_features
@@ -99,6 +116,7 @@ def init_state(cfg: Config, tx: optax.GradientTransformation, sample: jax.Array 
         last_fired=jnp.zeros((n,), jnp.int32),
         fire_count=jnp.zeros((n,), jnp.int32),
         input_scale=scale,
+        norm_scale=norm,
         rng=jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
         nonfinite_step=jnp.full((), -1, jnp.int32),
     )
@@ -124,5 +142,6 @@ def state_shardings(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation) -
         hparams=jax.tree.map(lambda _: rep, abstract.hparams),
         family_state={k: sharding.named(mesh, family.state_axes.get(k))
                       for k in abstract.family_state},
-        last_fired=feat, fire_count=feat, input_scale=rep, rng=rep, nonfinite_step=rep,
+        last_fired=feat, fire_count=feat, input_scale=rep, norm_scale=rep, rng=rep,
+        nonfinite_step=rep,
     )

@@ -19,17 +19,17 @@ from jax.sharding import Mesh, NamedSharding
 
 from saejax import sharding
 from saejax.config import Config
-from saejax.sae import SAE, LossContext, make_sae
-from saejax.train.resample import resample
-from saejax.train.state import (TrainState, init_state, lr_at, make_optimizer, state_shardings,
-                                steps_since_fired)
+from saejax.sae import SAE, make_sae
+from saejax.train import resample as resample_lib
+from saejax.train.state import (TrainState, init_state, loss_context, lr_at, make_optimizer,
+                                state_shardings)
 
 
 def train_step(state: TrainState, batch: jax.Array, *, graphdef, cfg: Config,
                tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch [B, d_in] of raw activations."""
     x = batch * state.input_scale
-    ctx = LossContext(state.step, state.hparams, steps_since_fired(state), state.family_state)
+    ctx = loss_context(state)
 
     def loss_fn(params):
         return nnx.merge(graphdef, params).loss(x, ctx)
@@ -68,10 +68,15 @@ def train_step(state: TrainState, batch: jax.Array, *, graphdef, cfg: Config,
 class StepContract:
     """Shardings, donation and compiled functions of one run, declared in one place.
 
-    step_fn(state, batch[B, d_in]) -> (state, metrics)      state donated
-    resample_fn(state, inputs[N, d_in]) -> (state, n_dead)  state donated
+    step_fn(state, batch[B, d_in]) -> (state, metrics)            state donated
+    resampling (`saejax.train.resample.resample` drives these):
+      dead_count_fn(state) -> n_dead
+      resample_begin_fn(state) -> draws
+      resample_chunk_fn(state, draws, inputs[c, d_in]) -> draws    draws donated
+      resample_apply_fn(state, draws) -> (state, n_resampled)      state donated
     Batches and resampling inputs are sharded over `data` by rows; the state as in
-    `saejax.train.state.state_shardings`; metrics replicated.
+    `saejax.train.state.state_shardings`, the draws' [F, d] rows over features like W_dec;
+    metrics and counts replicated.
     """
 
     cfg: Config
@@ -81,7 +86,10 @@ class StepContract:
     state_shardings: TrainState
     batch_sharding: NamedSharding
     step_fn: Callable[[TrainState, jax.Array], tuple[TrainState, dict]]
-    resample_fn: Callable[[TrainState, jax.Array], tuple[TrainState, jax.Array]]
+    dead_count_fn: Callable[[TrainState], jax.Array]
+    resample_begin_fn: Callable[[TrainState], resample_lib.Draws]
+    resample_chunk_fn: Callable[..., resample_lib.Draws]
+    resample_apply_fn: Callable[..., tuple[TrainState, jax.Array]]
 
     @classmethod
     def build(cls, cfg: Config, mesh: Mesh) -> "StepContract":
@@ -91,17 +99,37 @@ class StepContract:
         batch_sh = sharding.batch_sharding(mesh)
         rep = sharding.replicated(mesh)
 
-        def compile_(fn):
-            return jax.jit(lambda s, x: fn(s, x, graphdef=graphdef, cfg=cfg, tx=tx),
-                           in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
-                           donate_argnums=(0,))
+        rows = sharding.named(mesh, ("d_sae", "d_in"))
+        draws_sh = resample_lib.Draws(rows, rows, rep, rep, rep, rep)
+        return cls(
+            cfg, mesh, graphdef, tx, state_sh, batch_sh,
+            step_fn=jax.jit(lambda s, x: train_step(s, x, graphdef=graphdef, cfg=cfg, tx=tx),
+                            in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
+                            donate_argnums=(0,)),
+            dead_count_fn=jax.jit(lambda s: resample_lib.dead_mask(s).sum(),
+                                  in_shardings=(state_sh,), out_shardings=rep),
+            resample_begin_fn=jax.jit(resample_lib.begin, in_shardings=(state_sh,),
+                                      out_shardings=draws_sh),
+            resample_chunk_fn=jax.jit(
+                lambda s, d, x: resample_lib.draw_chunk(s, d, x, graphdef=graphdef),
+                in_shardings=(state_sh, draws_sh, batch_sh), out_shardings=draws_sh,
+                donate_argnums=(1,)),
+            resample_apply_fn=jax.jit(
+                lambda s, d: resample_lib.apply(s, d, cfg=cfg, tx=tx),
+                in_shardings=(state_sh, draws_sh), out_shardings=(state_sh, rep),
+                donate_argnums=(0,)),
+        )
 
-        return cls(cfg, mesh, graphdef, tx, state_sh, batch_sh,
-                   step_fn=compile_(train_step), resample_fn=compile_(resample))
+    def resample_fn(self, state: TrainState, inputs: jax.Array) -> tuple[TrainState, int]:
+        """One resampling event drawing from `inputs` [N, d_in] (split into chunks)."""
+        n = inputs.shape[0]
+        chunks = (inputs[i:i + resample_lib.CHUNK] for i in range(0, n, resample_lib.CHUNK))
+        return resample_lib.resample(self, state, chunks)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state (the restore target for checkpoints)."""
-        return sharding.abstract(jax.eval_shape(lambda: init_state(self.cfg, self.tx, None)), self.state_shardings)
+        shapes = jax.eval_shape(lambda: init_state(self.cfg, self.tx, None))
+        return sharding.abstract(shapes, self.state_shardings)
 
     def init(self, sample: jax.Array | None) -> TrainState:
         """Fresh state created already sharded; `sample` ([N, d_in]) drives data-dependent init."""
