@@ -117,6 +117,7 @@ def sae_overrides(args, acts: Path, run_dir: Path, n_features: int, seed: int) -
     return [
         "data.source=store", f"data.store_path={acts}", f"data.site={SITE}", "sae.d_in=512",
         f"sae.n_features={n_features}", f"sae.relu.l1_coefficient={args.l1}",
+        "sae.relu.target_l0=0",  # the recipe's fixed lambda (the defaults adapt it to L0 16)
         "sae.scale_inputs=true", "sae.relu.l1_warmup_fraction=0.05",
         f"train.steps={args.sae_steps}", f"train.batch_size={args.sae_batch}",
         f"train.seed={seed}", f"train.run_dir={run_dir}", "optim.lr=1e-3",
