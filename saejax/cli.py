@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import logging
 import os
 import re
 import signal
@@ -572,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Orbax logs a failed background save with pages of tracebacks through absl; the error that
+    # reaches us says it in one line (with the last good checkpoint), so those logs stay quiet.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         return args.func(args)
     except KeyboardInterrupt:
