@@ -57,6 +57,16 @@ def test_run_moved_with_its_data_works_from_any_directory(tiny_world, tmp_path, 
     # the export knows its store too, so its default is the same held-out range
     assert default_contexts(["exported"], b / "data" / "tokens", "-2000:")[0] == held_out
 
+    # the same command, run where the project now is, finds the run finished (and, with more
+    # steps where nothing depends on the length, would resume it): the moved paths match
+    monkeypatch.chdir(b)
+    capsys.readouterr()
+    assert cli.main(["train", "data.source=store", "data.store_path=data/acts",
+                     "sae.d_in=64", "sae.n_features=64", "train.steps=10",
+                     "train.batch_size=64", "train.log_every=5", "train.progress=false",
+                     "train.run_dir=runs/sae"]) == 0
+    assert "run already complete at step 10" in capsys.readouterr().out
+
 
 def fake_run(root: Path, name: str, *overrides: str) -> Path:
     """A run directory holding only config.yaml: all that `default_contexts` reads."""

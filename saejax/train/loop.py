@@ -64,7 +64,10 @@ def recorded_view(run_dir: Path):
 
 
 def check_resumable(saved: dict, cfg: Config) -> None:
-    config_lib.check_same_run(saved, cfg, resumable_changes(cfg), cfg.train.run_dir)
+    """Refuse `cfg` for the run whose saved config is `saved`, as `train` would on resume."""
+    view = recorded_view(Path(cfg.train.run_dir))
+    config_lib.check_same_run(view(saved), view(config_lib.to_dict(cfg)), resumable_changes(cfg),
+                              cfg.train.run_dir)
 
 
 def sample_rows(data, n: int, seed: int, mesh) -> jax.Array:
