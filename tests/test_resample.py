@@ -8,6 +8,7 @@ import pytest
 
 from saejax.config import Config
 from saejax.sharding import make_mesh
+from saejax.train.resample import resample
 from saejax.train.step import StepContract
 
 D, F, STEP, WINDOW = 4, 16, 100, 10
@@ -57,7 +58,7 @@ def test_each_rule(model_axis):
     # all the probability mass (∝ loss²) is on row 3.
     rows = np.zeros((16, D), np.float32)
     rows[3] = [3.0, 0.0, 4.0, 0.0]
-    new, n = contract.resample_fn(state, _inputs(contract, rows))
+    new, n = resample(contract, state, [_inputs(contract, rows)])
     new = jax.device_get(new)
     assert int(n) == DEAD.sum()
     p, p0 = new.params, before.params
@@ -103,7 +104,7 @@ def test_sampling_is_proportional_to_squared_loss():
                                   "b_dec": jnp.zeros((2,), jnp.float32)})
     state = jax.device_put(state, contract.state_shardings)
     rows = np.array([[1.0, 0.0], [0.0, np.sqrt(2.0)]], np.float32)  # per-input losses 0.5, 1.0
-    new, _ = contract.resample_fn(state, _inputs(contract, rows))
+    new, _ = resample(contract, state, [_inputs(contract, rows)])
     picked_second = np.asarray(new.params["W_dec"])[:, 1] > 0.5
     share = picked_second.mean()
     # ∝ loss²: 1/(0.25+1) = 0.8 ± 4σ (σ = sqrt(.8·.2/20000) ≈ 0.0028)

@@ -7,6 +7,7 @@ import pytest
 
 from saejax.config import Config
 from saejax.sharding import make_mesh
+from saejax.train.resample import resample
 from saejax.train.step import StepContract
 
 STEPS, RESAMPLE_AT = 30, 15
@@ -41,8 +42,8 @@ def _run(arch, data, model):
     for step in range(STEPS):
         state, _ = c.step_fn(state, jax.device_put(_data(step), c.batch_sharding))
         if step + 1 == RESAMPLE_AT and arch == "relu":
-            state, n_resampled = c.resample_fn(state, jax.device_put(_data(10**6, 256),
-                                                                     c.batch_sharding))
+            inputs = jax.device_put(_data(10**6, 256), c.batch_sharding)
+            state, n_resampled = resample(c, state, [inputs])
     return jax.device_get(state), n_resampled
 
 

@@ -120,12 +120,6 @@ class StepContract:
                 donate_argnums=(0,)),
         )
 
-    def resample_fn(self, state: TrainState, inputs: jax.Array) -> tuple[TrainState, int]:
-        """One resampling event drawing from `inputs` [N, d_in] (split into chunks)."""
-        n = inputs.shape[0]
-        chunks = (inputs[i:i + resample_lib.CHUNK] for i in range(0, n, resample_lib.CHUNK))
-        return resample_lib.resample(self, state, chunks)
-
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state (the restore target for checkpoints)."""
         shapes = jax.eval_shape(lambda: init_state(self.cfg, self.tx, None))
