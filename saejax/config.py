@@ -180,6 +180,10 @@ RANGES = {
     "sae.relu.target_l0": ">= 0",
     "sae.topk.k": ">= 1", "sae.topk.k_aux": ">= 0", "sae.topk.aux_coefficient": ">= 0",
     "sae.topk.dead_tokens_aux": ">= 0",
+    # jumprelu rules
+    # gated rules
+    # batchtopk rules
+    # matryoshka rules
     "optim.lr": "> 0", "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.eps": "> 0",
     "optim.warmup_steps": ">= 0", "optim.grad_clip": ">= 0",
     "resample.steps": ">= 1", "resample.at_fractions": "(0, 1)", "resample.window_steps": ">= 0",
@@ -200,8 +204,9 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
     """Reject out-of-range values and impossible combinations before any compute. Mesh checks
     need `n_devices`."""
     s, t = cfg.sae, cfg.train
-    # Only the chosen family's section is used, so only it is range-checked.
-    other_families = tuple(f"sae.{name}." for name in FAMILIES if name != s.arch)
+    # Only the chosen family's sections are used, so only they are range-checked.
+    used = {s.arch, *get_family(s.arch).sections}
+    other_families = tuple(f"sae.{name}." for name in FAMILIES if name not in used)
     typedconfig.check_ranges(cfg, RANGES, skip=other_families)
     get_family(s.arch).check(s)
     if cfg.data.source == "npy" and not cfg.data.paths:

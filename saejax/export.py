@@ -191,8 +191,9 @@ def export_saelens(out_dir, params: dict[str, np.ndarray], *, architecture: str,
     for name, value in p.items():
         if not np.isfinite(value).all():
             raise ValueError(f"{name} contains NaN or inf")
-    folded = family.fold_input_scale(p, s)
-    tensors = {n: np.ascontiguousarray(v.astype(DTYPES[dtype])) for n, v in folded.items()}
+    folded = family.to_saelens(family.fold_input_scale(p, s))
+    tensors = {n: np.ascontiguousarray(np.asarray(v).astype(DTYPES[dtype]))
+               for n, v in folded.items()}
     cfg = build_cfg(d_in, d_sae, architecture=architecture, options=options, dtype=dtype,
                     metadata=metadata, input_scale=s)
 
@@ -244,11 +245,12 @@ def load_saelens(path) -> tuple[dict[str, np.ndarray], dict]:
     if family is None:
         raise ValueError(f"{cfg_path}: architecture {cfg['architecture']!r} is not one of "
                          f"{saelens_architectures()}")
-    params = {n: np.asarray(v, np.float32)
-              for n, v in safetensors.numpy.load_file(str(weights_path)).items()}
+    tensors = {n: np.asarray(v, np.float32)
+               for n, v in safetensors.numpy.load_file(str(weights_path)).items()}
+    params = family.from_saelens_tensors(tensors)
     missing = [n for n in family.param_axes if n not in params]
     if missing:
-        raise KeyError(f"{weights_path} has no tensor(s) {missing} (has {sorted(params)})")
+        raise KeyError(f"{weights_path} has no tensor(s) {missing} (has {sorted(tensors)})")
     d_in, d_sae = _sizes(params, family.param_axes)
     if (d_in, d_sae) != (cfg["d_in"], cfg["d_sae"]):
         raise ValueError(f"{weights_path}: W_enc shape {(d_in, d_sae)} does not match cfg "
@@ -270,13 +272,14 @@ def export_run(run_dir, out_dir, *, overwrite: bool = False) -> Path:
 
     check_destination(out_dir, overwrite)  # before reading any checkpoint
     run = load_params(run_dir)
-    family = get_family(run.cfg.sae.arch)
+    sae_cfg, params = run.for_inference()
+    family = get_family(sae_cfg.arch)
     if family.saelens_architecture is None:
         raise ValueError(f"sae.arch={family.name} has no SAELens architecture to export as")
     lm_path, site = provenance(run.cfg)
     return export_saelens(
-        out_dir, jax.device_get(run.params), architecture=family.saelens_architecture,
-        options=family.saelens_options(run.cfg.sae), input_scale=run.input_scale,
+        out_dir, jax.device_get(params), architecture=family.saelens_architecture,
+        options=family.saelens_options(sae_cfg), input_scale=run.input_scale,
         overwrite=overwrite,
         metadata={"saejax_run": str(Path(run_dir).resolve()), "saejax_step": run.step,
                   "dataset_path": _dataset_path(run.cfg), "model_name": lm_path or None,

@@ -26,7 +26,7 @@ from saejax.config import Config, MeshConfig, from_dict
 from saejax.data import relocated
 from saejax.errors import ConfigError
 from saejax.typedconfig import read_yaml
-from saejax.sae import get_family
+from saejax.sae import SAEConfig, get_family
 
 
 @dataclass
@@ -41,6 +41,12 @@ class RunParams:
     """Inputs were multiplied by this before the SAE (fold it in for raw activations)."""
     family_state: dict[str, jax.Array]
     """The family's non-parameter state (`Family.init_state`)."""
+
+    def for_inference(self) -> tuple[SAEConfig, dict[str, jax.Array]]:
+        """(SAE config, params) as the SAE is evaluated and exported (`Family.inference`: e.g.
+        a BatchTopK run becomes the JumpReLU its threshold defines); still on inputs × scale."""
+        return get_family(self.cfg.sae.arch).for_inference(self.cfg.sae, self.params,
+                                                          self.family_state)
 
 
 def read_config(run_dir: str | Path) -> Config:

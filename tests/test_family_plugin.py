@@ -39,7 +39,7 @@ class GainSAE(SAE):
         loss = metrics["mse"] + ctx.hparams["sparsity"] * jnp.abs(f).sum(-1).mean()
         # state: an exponential moving average of L0, carried across steps and checkpoints
         ema = 0.9 * ctx.state["l0_ema"] + 0.1 * metrics["l0"]
-        return loss, {**metrics, "loss": loss, "f": f, "state": {"l0_ema": ema}}
+        return loss, {**metrics, "loss": loss, "fired": self.fire_counts(f), "state": {"l0_ema": ema}}
 
 
 def fold_gain(params, scale):

@@ -68,7 +68,7 @@ class TrainedSAE:
     def _module(self, params):
         if self._graphdef is None:
             family = get_family(self.cfg.arch)
-            self._graphdef = nnx.split(nnx.eval_shape(lambda: family.make(self.cfg)))[0]
+            self._graphdef = family.graphdef(self.cfg)
         return nnx.merge(self._graphdef, params)
 
     def encode(self, params: dict, x: jax.Array) -> jax.Array:
@@ -94,12 +94,13 @@ def _place(params: dict, arch: str, mesh: Mesh) -> dict:
 
 def _from_run(path: Path, mesh: Mesh | None) -> TrainedSAE:
     run = load_params(path, mesh)
-    family = get_family(run.cfg.sae.arch)
+    sae_cfg, params = run.for_inference()
+    family = get_family(sae_cfg.arch)
     scale = run.input_scale
-    params = run.params if scale == 1.0 else jax.jit(
-        lambda p: family.fold_input_scale(p, scale))(run.params)
+    params = params if scale == 1.0 else jax.jit(
+        lambda p: family.fold_input_scale(p, scale))(params)
     lm_path, site = provenance(run.cfg)
-    return TrainedSAE(params, run.cfg.sae, site, lm_path, path.name, str(path))
+    return TrainedSAE(params, sae_cfg, site, lm_path, path.name, str(path))
 
 
 def _from_saelens(path: Path, mesh: Mesh | None) -> TrainedSAE:

@@ -94,8 +94,9 @@ class SAE(nnx.Module):
         return f @ self.W_dec[...] + self.b_dec[...]
 
     def loss(self, x: jax.Array, ctx: LossContext) -> tuple[jax.Array, dict]:
-        """(scalar loss, aux): aux holds the per-step metrics, "f" (the codes `fired` reads) and,
-        for a family with state, "state" (its next value)."""
+        """(scalar loss, aux): aux holds the per-step metrics, "fired" (int32 [F]: on how many
+        of the batch's inputs each feature fired, e.g. `fire_counts(f)`) and, for a family with
+        state, "state" (its next value)."""
         raise NotImplementedError
 
     def per_input_loss(self, x: jax.Array, ctx: LossContext) -> jax.Array:
@@ -105,6 +106,10 @@ class SAE(nnx.Module):
     def fired(self, f: jax.Array) -> jax.Array:
         """[B, F] bool: what counts as a feature firing on a token (a nonzero activation)."""
         return f > 0
+
+    def fire_counts(self, f: jax.Array) -> jax.Array:
+        """int32 [F]: inputs of the batch f [B, F] on which each feature fired."""
+        return self.fired(f).sum(axis=0, dtype=jnp.int32)
 
     # Decoder-norm handling, applied by the train step around the optimizer update.
     def prepare_grads(self, params: dict, grads: dict) -> dict:

@@ -48,6 +48,29 @@ class TopKConfig:
     the run's tokens, at most 10M (Gao et al.'s window)."""
 
 
+@dataclass
+class JumpReLUConfig:
+    """JumpReLU (Rajamanoharan et al. 2024, "Jumping Ahead"; Gemma Scope). (section owned by
+    saejax/sae/jumprelu.py)"""
+
+
+@dataclass
+class GatedConfig:
+    """Gated SAE (Rajamanoharan et al. 2024). (section owned by saejax/sae/gated.py)"""
+
+
+@dataclass
+class BatchTopKConfig:
+    """BatchTopK (Bussmann, Leask & Nanda 2024); k and AuxK come from the `topk` section.
+    (section owned by saejax/sae/batchtopk.py)"""
+
+
+@dataclass
+class MatryoshkaConfig:
+    """Matryoshka BatchTopK (Bussmann et al. 2025); k, AuxK and θ come from the `topk` and
+    `batchtopk` sections. (section owned by saejax/sae/matryoshka.py)"""
+
+
 def k_aux(cfg: "SAEConfig") -> int:
     """The AuxK width in use (`TopKConfig.k_aux`, 0 resolved)."""
     return cfg.topk.k_aux or max(1, min(cfg.d_in // 2, cfg.n_features // 2))
@@ -70,3 +93,7 @@ class SAEConfig:
     """Initialise b_dec (b_pre for topk) to the geometric median of a data sample (Weiszfeld)."""
     relu: ReluConfig = field(default_factory=ReluConfig)
     topk: TopKConfig = field(default_factory=TopKConfig)
+    jumprelu: JumpReLUConfig = field(default_factory=JumpReLUConfig)
+    gated: GatedConfig = field(default_factory=GatedConfig)
+    batchtopk: BatchTopKConfig = field(default_factory=BatchTopKConfig)
+    matryoshka: MatryoshkaConfig = field(default_factory=MatryoshkaConfig)

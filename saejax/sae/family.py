@@ -70,10 +70,22 @@ class Family:
     """Extra SAELens cfg.json keys (e.g. {"k": 32})."""
     from_saelens: Callable[[dict], dict[str, Any]] = lambda cfg_json: {}
     """`sae` config fields (a nested dict, e.g. {"topk": {"k": 32}}) read from a SAELens cfg.json."""
+    sections: tuple[str, ...] = ()
+    """The `SAEConfig` sections it reads besides its own (e.g. BatchTopK reads `topk`'s k)."""
     check: Callable[[SAEConfig], None] = lambda cfg: None
     """Raises ConfigError (naming the field) for settings of its section that cannot work."""
     fold_input_scale: Callable[[dict, float], dict] = fold_input_scale_standard
     """Parameters for raw inputs of an SAE trained on scale·x (exports and evaluation)."""
+    inference: Callable[[SAEConfig, dict, dict], tuple[SAEConfig, dict]] | None = None
+    """How a trained SAE of this family runs at evaluation and export, when that is another
+    family: (cfg, params, family_state) -> (cfg with that family's `arch`, its params) (e.g.
+    BatchTopK is evaluated as a JumpReLU whose threshold is the θ it estimated). None: as itself.
+    A family with an `inference` is never what a SAELens folder loads as."""
+    to_saelens: Callable[[dict], dict] = lambda params: params
+    """SAELens tensors (name -> array) from the (folded) parameters, when names or
+    representation differ (e.g. log θ -> threshold)."""
+    from_saelens_tensors: Callable[[dict], dict] = lambda tensors: tensors
+    """The inverse of `to_saelens`: parameters from a SAELens folder's tensors."""
 
     @property
     def param_axes(self) -> dict[str, tuple[str, ...]]:
@@ -81,6 +93,14 @@ class Family:
 
     def make(self, cfg: SAEConfig, seed: int = 0) -> SAE:
         return self.module(cfg, rngs=nnx.Rngs(params=seed))
+
+    def graphdef(self, cfg: SAEConfig) -> Any:
+        """The module's structure without parameters: `nnx.merge(graphdef, params)` is the SAE."""
+        return nnx.split(nnx.eval_shape(lambda: self.make(cfg)))[0]
+
+    def for_inference(self, cfg: SAEConfig, params: dict, state: dict) -> tuple[SAEConfig, dict]:
+        """(cfg, params) of the SAE as evaluated and exported (see `inference`)."""
+        return (cfg, params) if self.inference is None else self.inference(cfg, params, state)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -100,4 +120,5 @@ def get_family(arch: str) -> Family:
 
 def family_for_saelens(architecture: str) -> Family | None:
     """The family that loads SAELens's `architecture`, or None."""
-    return next((f for f in FAMILIES.values() if f.saelens_architecture == architecture), None)
+    return next((f for f in FAMILIES.values()
+                 if f.saelens_architecture == architecture and f.inference is None), None)

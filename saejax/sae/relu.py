@@ -77,7 +77,7 @@ class ReluSAE(SAE):
         loss = metrics["mse"] + lam * l1
         state = {"log_l1_factor": next_l1_factor(ctx, metrics["l0"])}
         return loss, {**metrics, "l1": l1, "loss": loss, "l1_coefficient": lam * ctx.scale_to_norm,
-                      "f": f, "state": state}
+                      "fired": self.fire_counts(f), "state": state}
 
     def per_input_loss(self, x: jax.Array, ctx: LossContext) -> jax.Array:
         f = self.encode(x)

@@ -75,7 +75,7 @@ class TopKSAE(SAE):
         metrics = reconstruction_metrics(x, x_hat, self.fired(f))
         aux = self.aux_loss(pre, x - jax.lax.stop_gradient(x_hat), self.dead(ctx, x.shape[0]))
         loss = metrics["mse"] + ctx.hparams["aux_coefficient"] * aux
-        return loss, {**metrics, "aux_loss": aux, "loss": loss, "f": f}
+        return loss, {**metrics, "aux_loss": aux, "loss": loss, "fired": self.fire_counts(f)}
 
     @staticmethod
     def dead(ctx: LossContext, batch_size: int) -> jax.Array | None:

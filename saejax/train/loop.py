@@ -20,6 +20,7 @@ from saejax import config as config_lib
 from saejax import sharding
 from saejax.config import Config, ConfigError
 from saejax.data import make_provider, relocated, with_absolute_paths
+from saejax.sae import get_family
 from saejax.sae.stats import dead_fraction, density_summary, heldout_metrics
 from saejax.sharding import make_mesh, to_host
 from saejax.train.runner import (MetricsFile, Runner, Throughput, all_finite, compile_step, due,
@@ -169,7 +170,11 @@ def summarize(cfg: Config, contract: StepContract, state, data, mesh) -> dict:
     """Held-out MSE/FVU/L0, dead fraction over the metrics window, and the data's ground-truth
     metrics (MMCS for synthetic data)."""
     x = sample_rows(data, EVAL_ROWS, 10_000_019 + cfg.train.seed, mesh)
-    out = heldout_metrics(contract.graphdef, state.params, state.input_scale, x)
+    sae_cfg, params = get_family(cfg.sae.arch).for_inference(cfg.sae, state.params,
+                                                             state.family_state)
+    graphdef = (contract.graphdef if sae_cfg is cfg.sae
+                else get_family(sae_cfg.arch).graphdef(sae_cfg))
+    out = heldout_metrics(graphdef, params, state.input_scale, x)
     step, last_fired = to_host((state.step, state.last_fired))
     out["dead_fraction"] = dead_fraction(int(step), last_fired, dead_window_steps(cfg))
     out.update(data.summary_metrics(state.params["W_dec"]))

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from saejax import sharding
 from saejax.config import Config
-from saejax.sae import SAE, make_sae
+from saejax.sae import SAE, get_family
 from saejax.train import resample as resample_lib
 from saejax.train.state import (TrainState, init_state, loss_context, lr_at, make_optimizer,
                                 state_shardings)
@@ -43,7 +43,7 @@ def train_step(state: TrainState, batch: jax.Array, *, graphdef, cfg: Config,
     params = sae.constrain(optax.apply_updates(state.params, updates))
 
     step = state.step + 1
-    fired = sae.fired(aux.pop("f")).sum(axis=0, dtype=jnp.int32)
+    fired = aux.pop("fired")
     window_start = state.step % cfg.train.log_every == 0
     bad = (state.nonfinite_step < 0) & ~jnp.isfinite(loss)
     new_state = state.replace(
@@ -93,7 +93,7 @@ class StepContract:
 
     @classmethod
     def build(cls, cfg: Config, mesh: Mesh) -> "StepContract":
-        graphdef, _ = nnx.split(nnx.eval_shape(lambda: make_sae(cfg.sae)))
+        graphdef = get_family(cfg.sae.arch).graphdef(cfg.sae)
         tx = make_optimizer(cfg)
         state_sh = state_shardings(cfg, mesh, tx)
         batch_sh = sharding.batch_sharding(mesh)
