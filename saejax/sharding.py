@@ -1,7 +1,8 @@
-"""Mesh construction, the logical-axis rules table, host-local -> global batches and back.
+"""Mesh construction, shardings from the logical-axis rules table, host-local -> global batches.
 
 Model, data and training code name logical axes only (`batch`, `d_in`, `d_sae`; sizes through
-`axis_size`); this file is the one place that maps them to the mesh axes `data` and `model`.
+`axis_size`); the rules table that maps them to the mesh axes `data` and `model` is
+`saejax.axes` (layer 0, so SAE code can read it too); this file builds meshes and shardings from it.
 """
 
 from __future__ import annotations
@@ -14,25 +15,8 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from saejax.axes import LOGICAL_RULES, MESH_AXES, logical_spec  # noqa: F401 (re-exported)
 from saejax.config import MeshConfig, resolve_mesh_shape
-
-MESH_AXES = ("data", "model")
-
-# The rules table: logical axis name -> mesh axis (None = replicated).
-LOGICAL_RULES: dict[str, str | None] = {
-    "batch": "data",
-    "d_sae": "model",
-    "d_in": None,
-    # language-model parameters (saejax.lm): replicated for now; tensor parallelism would map
-    # `heads` and `d_mlp` to "model".
-    "vocab": None,
-    "d_model": None,
-    "n_ctx": None,
-    "heads": None,
-    "kv_heads": None,
-    "d_head": None,
-    "d_mlp": None,
-}
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
@@ -42,13 +26,6 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     return jax.make_mesh(
         shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
     )
-
-
-def logical_spec(names: tuple[str | None, ...] | None) -> P:
-    """PartitionSpec for a tuple of logical axis names (None / unknown names -> replicated)."""
-    if not names:
-        return P()
-    return P(*(LOGICAL_RULES.get(n) if n else None for n in names))
 
 
 def named(mesh: Mesh, names: tuple[str | None, ...] | None) -> NamedSharding:

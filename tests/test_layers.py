@@ -12,7 +12,7 @@ import saejax
 # Lowest first. A module's layer is that of the longest entry its dotted name starts with.
 LAYERS = [
     ["saejax.errors", "saejax.atomic", "saejax.files", "saejax.hashmix",  # 0 base
-     "saejax.typedconfig"],
+     "saejax.typedconfig", "saejax.axes"],
     ["saejax.sae", "saejax.text"],                                        # 1 sae, text
     ["saejax.config", "saejax.sharding", "saejax.checkpoint"],            # 2 config
     ["saejax.lm"],                                                        # 3 lm

@@ -51,15 +51,20 @@ class ShuffledTable:
     of the module docstring; the shared reader of `NpySource` and the activation store.
 
     `shards` are array-likes [N_i, d] (typically memory-mapped); `decode`, if given, turns rows
-    read from a shard (rows sorted by index) into float32 [k, d] (e.g. bfloat16 bits stored as
-    uint16); without it numpy's assignment converts floats to float32."""
+    read from a shard (rows sorted by index) into floats [k, d] (e.g. bfloat16 bits stored as
+    uint16 viewed as bfloat16); numpy's assignment converts them to the dtype asked for.
+    `batch_dtype`: the dtype of the training rows (`rows`): float32, or bfloat16 for data stored
+    so, which then crosses to the devices at half the bytes and is widened there, inside the
+    step (exactly: every bfloat16 is a float32). Statistics rows (`sample`) are float32."""
 
     def __init__(self, shards: list[np.ndarray], d_in: int, seed: int = 0,
-                 decode: Callable[[np.ndarray], np.ndarray] | None = None):
+                 decode: Callable[[np.ndarray], np.ndarray] | None = None,
+                 batch_dtype: np.dtype = np.dtype(np.float32)):
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.seed = seed
         self.d_in: int = int(d_in)
+        self.batch_dtype = np.dtype(batch_dtype)
         self._shards = shards
         self._decode = decode
         lengths = np.array([len(s) for s in shards], np.int64)
@@ -73,9 +78,10 @@ class ShuffledTable:
     # -- the ActivationSource interface -------------------------------------------------------
 
     def rows(self, step: int, start: int, stop: int, batch_size: int) -> np.ndarray:
-        """Rows [start, stop) of step `step`'s global batch (see `ActivationSource.rows`)."""
+        """Rows [start, stop) of step `step`'s global batch (see `ActivationSource.rows`), in
+        `batch_dtype`."""
         check_row_request(step, start, stop, batch_size)
-        return self.gather(self.table_rows(step, start, stop, batch_size))
+        return self.gather(self.table_rows(step, start, stop, batch_size), self.batch_dtype)
 
     def sample(self, n: int, seed: int) -> np.ndarray:
         """n rows drawn uniformly without replacement (with replacement only if n > N)."""
@@ -96,14 +102,15 @@ class ShuffledTable:
 
     # -- reading --------------------------------------------------------------------------------
 
-    def gather(self, table_rows: np.ndarray) -> np.ndarray:
-        """float32 [len(table_rows), d] rows of the concatenated table, in the order given.
+    def gather(self, table_rows: np.ndarray, dtype: np.dtype = np.dtype(np.float32)
+               ) -> np.ndarray:
+        """[len(table_rows), d] rows of the concatenated table, in the order given, as `dtype`.
 
         The requested rows are sorted once and each shard is read with its run of sorted row
         indices (sequential-ish page access on the mmap; cost linear in the rows, not in
         rows x shards); the rows are written back to their requested positions."""
         table_rows = np.asarray(table_rows, np.int64)
-        out = np.empty((len(table_rows), self.d_in), np.float32)
+        out = np.empty((len(table_rows), self.d_in), dtype)
         order = np.argsort(table_rows, kind="stable")
         ordered = table_rows[order]
         shard = np.searchsorted(self._ends, ordered, side="right")

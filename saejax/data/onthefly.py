@@ -48,9 +48,10 @@ datasets with bos="every_context"). BOS tokens *inside* contexts (GPT-2's `<|end
 document separator) are kept, unlike the disk store (`saejax.data.store`), which drops every
 BOS position.
 
-Memory: 2H x d buffer (float32 or bfloat16), plus during a refill the harvest (~H x d) and the
-shuffle's temporaries (2 x H x d), all sharded over `data`. LM parameters follow the rules table
-(`saejax.sharding`, replicated today).
+Memory: 2H x d buffer (the LM site's dtype: float32, or bfloat16 for an LM run in bfloat16,
+whose batches then stay bfloat16 until the train step widens them), plus during a refill the
+harvest (~H x d) and the shuffle's temporaries (2 x H x d), all sharded over `data`. LM
+parameters follow the rules table (`saejax.sharding`, replicated today).
 """
 
 from __future__ import annotations
@@ -246,8 +247,9 @@ class OnTheFlyFeed:
     lm_batch_contexts: at most this many contexts per LM call (memory of one forward), a
         multiple of V.
     drop_bos: drop position 0 of every context (each must start with bos_id; default
-        contexts.bos_id). seed: context order and shuffles. dtype: buffer dtype (batches are
-        served as float32).
+        contexts.bos_id). seed: context order and shuffles. dtype: buffer dtype, which batches
+        are served in (`batch_dtype`; `sample` rows are float32); None: the dtype harvest_fn
+        gives, so nothing is rounded (bfloat16 activations of a bfloat16 LM stay bfloat16).
 
     A `saejax.data.provider.BatchProvider`: `batch(step)` for consecutive steps (another step
     seeks: two harvests), `batches(start, stop)` for the loop, `sample(n, seed)` for statistics.
@@ -258,7 +260,7 @@ class OnTheFlyFeed:
                  blocks: int = 16, drop_bos: bool = True, bos_id: int | None = None,
                  seed: int = 0, shuffle_contexts: bool = True,
                  shuffle: Literal["blocks", "global"] = "blocks",
-                 dtype: Any = jnp.float32, param_shardings: Any = None):
+                 dtype: Any = None, param_shardings: Any = None):
         if isinstance(contexts, np.ndarray):
             contexts = _Contexts(contexts, bos_id)
         if shuffle not in ("blocks", "global"):
@@ -275,7 +277,6 @@ class OnTheFlyFeed:
         self.bos_id = bos_id
         self.mesh = mesh
         self.seed, self.shuffle_contexts, self.shuffle = seed, shuffle_contexts, shuffle
-        self.dtype = jnp.dtype(dtype)
         g = Geometry(batch_size, buffer_size, blocks, int(contexts.ctx_len), int(bool(drop_bos)),
                      lm_batch_contexts)
         g.check(sharding.axis_size(mesh, "batch"))
@@ -292,6 +293,9 @@ class OnTheFlyFeed:
             raise ValueError(f"harvest_fn must map tokens {probe.shape} to [n, T, d], gave "
                              f"{out.shape}")
         self.d_in: int = int(out.shape[2])
+        self.dtype = jnp.dtype(out.dtype if dtype is None else dtype)
+        self.batch_dtype = self.dtype
+        """dtype of the served batches (`saejax.data.provider.BatchProvider`)."""
 
         self.slots_sharding = sharding.named(mesh, (None, "batch", None))
         self.batch_sharding = sharding.batch_sharding(mesh)
@@ -368,7 +372,8 @@ class OnTheFlyFeed:
             return lax.dynamic_update_index_in_dim(slots, rows.reshape(H, d), h % 2, axis=0)
 
         def serve(slots, step):
-            """Step `step`'s batch [B, d] float32 (schedule in the module docstring)."""
+            """Step `step`'s batch [B, d] in the buffer dtype (schedule in the module
+            docstring)."""
             q = B // (2 * V)
             c = (step + S // 2) // S
             j = (step + S // 2) % S  # position in cycle c (>= S/2 in the warm-up, c == 0)
@@ -381,7 +386,7 @@ class OnTheFlyFeed:
             zero = jnp.zeros((), start_a.dtype)
             a = lax.dynamic_slice(x, (slot_a, zero, start_a, zero), (1, V, q, d))[0]
             bb = lax.dynamic_slice(x, (slot_b, zero, start_b, zero), (1, V, q, d))[0]
-            return jnp.concatenate([a, bb], axis=1).reshape(B, d).astype(jnp.float32), step + 1
+            return jnp.concatenate([a, bb], axis=1).reshape(B, d), step + 1
 
         def sample(params, tokens, n):
             ys = lm_rows(params, tokens)
@@ -460,7 +465,8 @@ class OnTheFlyFeed:
         self._next = step
 
     def batch(self, step: int) -> jax.Array:
-        """The global batch [B, d] float32 of training step `step` (sharded over `data`).
+        """The global batch [B, d] (`batch_dtype`) of training step `step` (sharded over
+        `data`).
 
         Consecutive calls (step = previous + 1) cost a slice, plus a refill at the start of a
         cycle; any other step seeks first. Nothing is read back to the host."""

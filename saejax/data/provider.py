@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from saejax.data.prefetch import Prefetcher
@@ -27,6 +28,11 @@ class Batches(Protocol):
 
 
 class BatchProvider(Protocol):
+    batch_dtype: np.dtype
+    """dtype of the batches served: float32, or bfloat16 for data held so (a bfloat16 store or
+    on-the-fly buffer), which the train step widens on the devices (compile it for this dtype).
+    `sample` rows are float32."""
+
     def batch(self, step: int) -> jax.Array:
         """The global batch of training step `step`."""
         ...
@@ -55,6 +61,7 @@ class HostProvider:
     def __init__(self, source, mesh: Mesh, batch_size: int):
         self.source, self.mesh, self.batch_size = source, mesh, batch_size
         self._rows = process_rows(mesh, batch_size)
+        self.batch_dtype = np.dtype(getattr(source, "batch_dtype", np.float32))
 
     def batch(self, step: int) -> jax.Array:
         start, stop = self._rows

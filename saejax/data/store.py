@@ -16,7 +16,9 @@ go too). Layout:
 
 Shard i holds the rows of contexts [i*contexts_per_shard, (i+1)*contexts_per_shard) (the last
 one fewer), for every site. float32 activations are stored as float32; bfloat16 as its raw
-bits in uint16 (.npy has no bfloat16), the manifest saying "bfloat16"; readers get float32.
+bits in uint16 (.npy has no bfloat16), the manifest saying "bfloat16"; readers get float32,
+except training batches of a bfloat16 store (`rows`), which stay bfloat16 until the train step
+widens them on the devices (`ShuffledTable.batch_dtype`).
 The manifest records the sites and their widths, every shard's file, row count and sha256,
 each shard's context range and the sha256 of its tokens, ctx_len, dtype, drop_bos/bos_id and
 the caller's provenance (model, tokenizer, token dataset path and manifest hash, ...). A model
@@ -48,15 +50,17 @@ DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16)}
 
 
 def _bfloat16_view(bits: np.ndarray) -> np.ndarray:
-    """uint16 raw bits as bfloat16 (numpy's assignment into float32 then converts exactly)."""
+    """uint16 raw bits as bfloat16 (numpy's assignment into float32 converts exactly; into
+    bfloat16 it copies)."""
     return bits.view(ml_dtypes.bfloat16)
 
 
 class ActivationStore(ShuffledTable):
     """One hook site of a store written by `harvest_to_store`, as an `ActivationSource`.
 
-    Rows are served as float32 in the per-epoch shuffled order of `saejax.data.npy` (seeded by
-    `seed`). `site` may be omitted when the store holds a single site."""
+    Rows are served in the per-epoch shuffled order of `saejax.data.npy` (seeded by `seed`), as
+    float32, or bfloat16 for the training rows of a bfloat16 store (`batch_dtype`). `site` may
+    be omitted when the store holds a single site."""
 
     def __init__(self, path: str | os.PathLike, site: str | None = None, seed: int = 0):
         self.path = os.fspath(path)
@@ -80,8 +84,9 @@ class ActivationStore(ShuffledTable):
         if total != m["n_rows"]:
             raise ValueError(f"{self.path}/{MANIFEST}: n_rows={m['n_rows']} but the shards of "
                              f"{site!r} hold {total} rows")
-        super().__init__(shards, d, seed,
-                         decode=_bfloat16_view if self.dtype == "bfloat16" else None)
+        bf16 = self.dtype == "bfloat16"
+        super().__init__(shards, d, seed, decode=_bfloat16_view if bf16 else None,
+                         batch_dtype=ml_dtypes.bfloat16 if bf16 else np.float32)
 
     def __repr__(self) -> str:
         return (f"ActivationStore({self.path!r}, site={self.site!r}, n_rows={self.n_rows}, "

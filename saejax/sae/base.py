@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from saejax.sae import decoder_norm
+from saejax.sae import decoder_norm, precision
 from saejax.sae.config import SAEConfig
 
 
@@ -72,6 +72,12 @@ class SAE(nnx.Module):
         self.b_dec = self.param("b_dec", jnp.zeros((d,), jnp.float32))
         self.cfg = cfg
 
+    @property
+    def dtype(self) -> jnp.dtype:
+        """`sae.compute_dtype`: of the matmul inputs and [B, F] intermediates (pass it to
+        `saejax.sae.precision.matmul` / `dense` for products of a family's own)."""
+        return precision.compute_dtype(self.cfg)
+
     def param(self, name: str, value: jax.Array) -> nnx.Param:
         return nnx.Param(value, out_sharding=self.AXES[name], eager_sharding=False)
 
@@ -82,16 +88,22 @@ class SAE(nnx.Module):
         through the encoder goes through the [d]@[d,F] product of the second term. Written the
         plain way, autodiff forms dpre @ W_encᵀ ([B,F]@[F,d]) and then sums it over the batch:
         a sixth full matmul that the step does not need.
+
+        [B, F] in `self.dtype` (the big product under `saejax.sae.precision`'s policy; the [F]
+        bias term, a vector-matrix product, in float32).
         """
         b_dec, w_enc = self.b_dec[...], self.W_enc[...]
         held = jax.lax.stop_gradient(b_dec)
-        return (x - held) @ w_enc + (self.b_enc[...] - (b_dec - held) @ w_enc)
+        bias = self.b_enc[...] - (b_dec - held) @ w_enc
+        return precision.dense(x - held, w_enc, bias, self.dtype)
 
     def encode(self, x: jax.Array) -> jax.Array:
         raise NotImplementedError
 
     def decode(self, f: jax.Array) -> jax.Array:
-        return f @ self.W_dec[...] + self.b_dec[...]
+        """x̂ = f W_dec + b_dec, float32 [B, d_in] (codes and W_dec enter the product in
+        `self.dtype`)."""
+        return precision.dense(f, self.W_dec[...], self.b_dec[...], self.dtype, jnp.float32)
 
     def loss(self, x: jax.Array, ctx: LossContext) -> tuple[jax.Array, dict]:
         """(scalar loss, aux): aux holds the per-step metrics, "fired" (int32 [F]: on how many

@@ -7,6 +7,7 @@ if it has options, a section in `saejax.sae.config`) and one `register(Family(..
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -99,8 +100,13 @@ class Family:
         return nnx.split(nnx.eval_shape(lambda: self.make(cfg)))[0]
 
     def for_inference(self, cfg: SAEConfig, params: dict, state: dict) -> tuple[SAEConfig, dict]:
-        """(cfg, params) of the SAE as evaluated and exported (see `inference`)."""
-        return (cfg, params) if self.inference is None else self.inference(cfg, params, state)
+        """(cfg, params) of the SAE as evaluated and exported (see `inference`), computing in
+        float32 whatever precision it trained in (so evaluation equals the SAELens export)."""
+        if self.inference is not None:
+            cfg, params = self.inference(cfg, params, state)
+        if cfg.compute_dtype != "float32":
+            cfg = dataclasses.replace(cfg, compute_dtype="float32")
+        return cfg, params
 
 
 FAMILIES: dict[str, Family] = {}

@@ -32,7 +32,9 @@ ULTRALOW_DENSITY = 1e-6
 
 
 def reconstruction_metrics(x: jax.Array, x_hat: jax.Array, fired: jax.Array) -> dict:
-    """MSE (mean over elements), FVU and L0 of one batch; `fired` is the [B, F] bool mask."""
+    """MSE (mean over elements), FVU and L0 of one batch; `fired` is the [B, F] bool mask.
+    float32 whatever the compute dtype (`saejax.sae.precision`)."""
+    x, x_hat = x.astype(jnp.float32), x_hat.astype(jnp.float32)
     err = jnp.square(x_hat - x)
     total_var = jnp.sum(jnp.square(x - x.mean(axis=0)))
     return {

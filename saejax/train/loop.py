@@ -13,7 +13,6 @@ import dataclasses
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from saejax import config as config_lib
@@ -124,7 +123,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
     data = make_provider(cfg, mesh)  # a data path or shape at fault is refused before any write
     prepare_run_dir(run_dir, cfg, resumable_changes(cfg), view=recorded_view(run_dir))
     contract = StepContract.build(cfg, mesh)
-    batch = jax.ShapeDtypeStruct((t.batch_size, cfg.sae.d_in), jnp.float32,
+    batch = jax.ShapeDtypeStruct((t.batch_size, cfg.sae.d_in), data.batch_dtype,
                                  sharding=contract.batch_sharding)
     step_fn, memory = compile_step(contract.step_fn, contract.abstract_state(), batch)
     resample_at = set(config_lib.resample_steps(cfg))

@@ -9,6 +9,7 @@ step needs across steps lives in `TrainState` on device, so ordinary steps never
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -64,6 +65,15 @@ def train_step(state: TrainState, batch: jax.Array, *, graphdef, cfg: Config,
 # ---------------------------------------------------------------- the sharding contract
 
 
+def under_mesh(mesh: Mesh, fn: Callable) -> Callable:
+    """fn traced with `mesh` (abstract) in context, so model code that runs per shard
+    (`jax.shard_map`, e.g. the sparse TopK path) finds the mesh without being given it."""
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+    return traced
+
+
 @dataclasses.dataclass
 class StepContract:
     """Shardings, donation and compiled functions of one run, declared in one place.
@@ -103,7 +113,8 @@ class StepContract:
         draws_sh = resample_lib.Draws(rows, rows, rep, rep, rep, rep)
         return cls(
             cfg, mesh, graphdef, tx, state_sh, batch_sh,
-            step_fn=jax.jit(lambda s, x: train_step(s, x, graphdef=graphdef, cfg=cfg, tx=tx),
+            step_fn=jax.jit(under_mesh(mesh, partial(train_step, graphdef=graphdef, cfg=cfg,
+                                                     tx=tx)),
                             in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
                             donate_argnums=(0,)),
             dead_count_fn=jax.jit(lambda s: resample_lib.dead_mask(s).sum(),
