@@ -181,9 +181,16 @@ RANGES = {
     "sae.topk.k": ">= 1", "sae.topk.k_aux": ">= 0", "sae.topk.aux_coefficient": ">= 0",
     "sae.topk.dead_tokens_aux": ">= 0",
     # jumprelu rules
+    "sae.jumprelu.l0_coefficient": ">= 0", "sae.jumprelu.l0_warmup_fraction": "[0, 1]",
+    "sae.jumprelu.target_l0": ">= 0", "sae.jumprelu.threshold_init": "> 0",
+    "sae.jumprelu.bandwidth": "> 0",
     # gated rules
+    "sae.gated.l1_coefficient": ">= 0", "sae.gated.l1_warmup_fraction": "[0, 1]",
+    "sae.gated.target_l0": ">= 0",
     # batchtopk rules
+    "sae.batchtopk.threshold_lr": "(0, 1]",
     # matryoshka rules
+    "sae.matryoshka.widths": ">= 1",
     "optim.lr": "> 0", "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.eps": "> 0",
     "optim.warmup_steps": ">= 0", "optim.grad_clip": ">= 0",
     "resample.steps": ">= 1", "resample.at_fractions": "(0, 1)", "resample.window_steps": ">= 0",

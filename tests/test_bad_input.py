@@ -143,7 +143,7 @@ KEY_TYPE_ROWS = [
         r"unknown config key sae\.l1_coefficient"),
     Row("other family's field", train("sae.arch=topk", "sae.topk.decoder_norm=unit"),
         r"unknown config key sae\.topk\.decoder_norm"),
-    Row("unknown family", train("sae.arch=gated"), r"gated"),
+    Row("unknown family", train("sae.arch=crosscoder"), r"crosscoder"),
     Row("key without value", train("train.steps"), r"expected key=value"),
     Row("override into a value", train("train.steps.x=1"), r"train\.steps|steps"),
     Row("int given text", train("train.steps=ten"), r"train\.steps: expected int"),

@@ -20,7 +20,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("sae.n_featurez=3", "sae.n_featurez"),
     ("sae.n_features=abc", "sae.n_features"),
     ("sae.n_features=1.5", "sae.n_features"),
-    ("sae.arch=gated", "sae.arch"),
+    ("sae.arch=crosscoder", "sae.arch"),
     ("sae.l1_coefficient=1e-3", "sae.l1_coefficient"),  # a family's field, outside its section
     ("sae.topk.k=abc", "sae.topk.k"),
     ("sae.relu.l1_coefficient=-1", "sae.relu.l1_coefficient"),

@@ -123,7 +123,7 @@ def test_argument_errors(tmp_path):
     with pytest.raises(ValueError, match=r"\['k'\] are not options of architecture 'standard'"):
         export_saelens(tmp_path / "a", p, architecture="standard", options={"k": 3})
     with pytest.raises(ValueError, match="architecture"):
-        export_saelens(tmp_path / "a", p, architecture="jumprelu")
+        export_saelens(tmp_path / "a", p, architecture="nope")
     with pytest.raises(ValueError, match="input_scale"):
         export_saelens(tmp_path / "a", p, architecture="standard", input_scale=0.0)
     with pytest.raises(ValueError, match="b_dec.*NaN"):

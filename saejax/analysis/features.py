@@ -105,7 +105,7 @@ def _window_step(encode, chunk_elements: int):
     @jax.jit
     def step(params, x, mask, q_tok, q_feat):
         B, T, d = x.shape
-        F = params["b_enc"].shape[0]
+        F = params["W_dec"].shape[0]
         C = chunk_tokens(B * T, F, chunk_elements)
 
         def body(vals, chunk):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from saejax.errors import ConfigError
 from saejax.sae.base import SAE, LossContext
 from saejax.sae.config import SAEConfig
 from saejax.sae.stats import reconstruction_metrics
@@ -55,6 +56,18 @@ def next_l1_factor(ctx: LossContext, l0: jax.Array) -> jax.Array:
                      old)
 
 
+def check_l0_target(cfg: SAEConfig, section: str, coefficient: str) -> None:
+    """Settings of a family using this L0 controller (`sae.<section>.target_l0` and the
+    coefficient it scales) that cannot work, as a ConfigError naming the field."""
+    sec = getattr(cfg, section)
+    if sec.target_l0 >= cfg.n_features:
+        raise ConfigError(f"sae.{section}.target_l0={sec.target_l0} must be below "
+                          f"sae.n_features={cfg.n_features}")
+    if sec.target_l0 > 0 and getattr(sec, coefficient) == 0:
+        raise ConfigError(f"sae.{section}.{coefficient} must be > 0 when target_l0 > 0 (the "
+                          "target scales it; 0 would stay 0)")
+
+
 class ReluSAE(SAE):
     def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs, enc_from_dec=cfg.relu.init_enc_from_dec)
@@ -64,9 +77,9 @@ class ReluSAE(SAE):
         return jax.nn.relu(self.pre_activations(x))
 
     def _l1(self, f: jax.Array) -> jax.Array:
-        """[B] Σ_i |f_i|·w_i per input."""
+        """[B] Σ_i |f_i|·w_i per input, summed in float32 (f may be bfloat16)."""
         weights = 1.0 if self.unit_norm_decoder else row_norms(self.W_dec[...])
-        return jnp.sum(jnp.abs(f) * weights, axis=-1)
+        return jnp.sum(jnp.abs(f) * weights, axis=-1, dtype=jnp.float32)
 
     def loss(self, x: jax.Array, ctx: LossContext) -> tuple[jax.Array, dict]:
         f = self.encode(x)
