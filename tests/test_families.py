@@ -55,9 +55,12 @@ SMALL = ["sae.d_in=16", "sae.n_features=64", "train.batch_size=64", "optim.lr=1e
 TOPK_TINY = ["sae.topk.k=4", "sae.topk.k_aux=8", "sae.topk.dead_tokens_aux=192"]
 """4 of 64 latents active; AuxK on 8 latents dead for 3 steps (so it acts in the first steps)."""
 
-TINY = {"topk": TOPK_TINY, "batchtopk": TOPK_TINY, "matryoshka": TOPK_TINY}
+TINY = {"topk": [*TOPK_TINY, "sae.topk.path=sparse"], "batchtopk": TOPK_TINY,
+        "matryoshka": TOPK_TINY}
 """Family-specific settings on top of SMALL; a family not listed runs at its section's defaults
-(the penalty families: λ adapted to their default L0 target)."""
+(the penalty families: λ adapted to their default L0 target). TopK takes its sparse path here
+(at these sizes `auto` would choose dense, which the older tests cover): vmap, metrics, export
+and eval of a sparse-trained run."""
 
 MMCS_SETTINGS = {
     "relu": [],
