@@ -21,6 +21,8 @@ from saejax.data.provider import HostProvider
 from saejax.data.store import ActivationStore
 from saejax.data.store_writer import harvest_to_store
 from saejax.data.synthetic import mmcs
+from saejax.eval.trained import load_sae
+from saejax.export import export_run
 from saejax.runs import load_params
 from saejax.sae import get_family
 from saejax.sharding import make_mesh
@@ -123,7 +125,8 @@ def test_bf16_default_run_recovers_features_like_float32(tmp_path):
 
 def test_resume_is_exact_under_bf16_with_resampling_on_a_sharded_mesh(tmp_path):
     """A bf16 run killed after its step-6 checkpoint and restarted ends bitwise equal to one
-    never interrupted; features are resampled in between (step 8), on a data × model mesh."""
+    never interrupted; features are resampled in between (step 8), on a data × model mesh. The
+    same run on another mesh agrees, and it evaluates and exports in float32."""
     def cfg(run):
         return load_config(None, [*TINY, "sae.compute_dtype=bfloat16", "sae.relu.target_l0=0",
                                   "sae.relu.l1_coefficient=2", "optim.lr=5e-2",
@@ -148,6 +151,24 @@ def test_resume_is_exact_under_bf16_with_resampling_on_a_sharded_mesh(tmp_path):
         assert value.dtype == jnp.float32, name
         np.testing.assert_array_equal(jax.device_get(split.params[name]),
                                       jax.device_get(value), err_msg=name)
+
+    # Another layout (features over all 8 devices) agrees to float32 rounding: the bf16 [B, F]
+    # values are computed whole per row on any mesh; only float32 sums change order.
+    other = cfg("model8")
+    other.mesh.data, other.mesh.model = 1, 8
+    train(other, quiet=True)
+    model8 = load_params(tmp_path / "model8")
+    for name, value in full.params.items():
+        np.testing.assert_allclose(jax.device_get(model8.params[name]), jax.device_get(value),
+                                   rtol=1e-4, atol=1e-5, err_msg=name)
+
+    # Evaluated and exported in float32: the run and its SAELens export code alike.
+    sae = load_sae(tmp_path / "full")
+    assert sae.cfg.compute_dtype == "float32"
+    folder = load_sae(export_run(tmp_path / "full", tmp_path / "export"))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 16)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(folder.encode(folder.params, x)),
+                               np.asarray(sae.encode(sae.params, x)), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- bfloat16 data
