@@ -194,7 +194,7 @@ def test_bf16_store_feeds_the_step_unwidened_on_the_host(tmp_path):
     np.testing.assert_array_equal(host.astype(np.float32),
                                   store.gather(store.table_rows(0, 0, 64, 64)))
 
-    c = contract(f"data.source=store", f"data.store_path={tmp_path / 'store'}", devices=2)
+    c = contract("data.source=store", f"data.store_path={tmp_path / 'store'}", devices=2)
     data = make_provider(c.cfg, c.mesh)
     assert isinstance(data, HostProvider) and data.batch_dtype == jnp.bfloat16
     batch = data.batch(0)
