@@ -14,11 +14,9 @@ import pytest
 from flax import nnx
 
 import ref_jumprelu_gated as ref
-from test_family_jumprelu import assert_fold_is_exact
+from test_family_jumprelu import assert_export_matches_saelens
 from saejax.config import load_config
 from saejax.errors import ConfigError
-from saejax.eval.trained import load_sae
-from saejax.export import export_run
 from saejax.sae import LossContext, get_family
 from saejax.sae.config import SAEConfig
 from saejax.sae.decoder_norm import remove_parallel
@@ -210,8 +208,6 @@ def test_bad_settings_name_the_field():
 def test_export_loads_in_saelens_and_encodes_the_same(tmp_path):
     """A tiny trained run (inputs scaled, dead features resampled at 25/50/75%) exported, loaded
     by SAELens itself and by saejax: the same codes and reconstructions."""
-    torch = pytest.importorskip("torch")
-    sae_lens = pytest.importorskip("sae_lens")
     cfg = load_config(None, [
         "sae.arch=gated", f"sae.d_in={D}", f"sae.n_features={F}", "data.n_true_features=32",
         "data.p_active=0.05", f"train.batch_size={B}", "train.steps=20", "train.log_every=10",
@@ -219,20 +215,4 @@ def test_export_loads_in_saelens_and_encodes_the_same(tmp_path):
         "train.progress=false", "train.async_checkpointing=false"])
     summary = train(cfg, quiet=True)
     assert np.isfinite(summary["fvu"])
-    out = export_run(tmp_path / "run", tmp_path / "export")
-    theirs = sae_lens.SAE.load_from_disk(str(out))
-    assert theirs.cfg.architecture() == "gated"
-    run_sae, exported = load_sae(tmp_path / "run"), load_sae(out)
-    assert exported.arch == run_sae.arch == "gated"
-    x = np.random.default_rng(0).normal(size=(32, D)).astype(np.float32) * 3
-    f_run = np.asarray(run_sae.encode(run_sae.params, jnp.asarray(x)))
-    assert (f_run > 0).any() and (f_run == 0).any()
-    with torch.no_grad():
-        f_theirs = theirs.encode(torch.from_numpy(x))
-        x_hat_theirs = theirs.decode(f_theirs).numpy()
-    np.testing.assert_allclose(f_theirs.numpy(), f_run, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(exported.encode(exported.params, jnp.asarray(x))),
-                               f_run, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(x_hat_theirs, np.asarray(run_sae.decode(run_sae.params, f_run)),
-                               rtol=1e-5, atol=1e-5)
-    assert_fold_is_exact(tmp_path / "run", x, f_run)
+    assert_export_matches_saelens(tmp_path / "run", "gated")

@@ -221,21 +221,17 @@ def assert_fold_is_exact(run_dir, x, f_run):
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow  # tests/test_families.py covers it for every family
-def test_export_loads_in_saelens_and_encodes_the_same(tmp_path):
-    """A tiny trained run (the paper's form: no pre-encoder bias, inputs scaled, so the fold is
-    exercised) exported, loaded by SAELens itself and by saejax; and a folder SAELens saved
-    (with its default pre-encoder bias) loaded by saejax."""
+def assert_export_matches_saelens(run_dir, arch: str):
+    """Export the run; SAELens loads the folder as `arch` and codes and reconstructs random
+    inputs as saejax does, on the run and on the folder. Returns (SAELens SAE, x, codes)."""
     torch = pytest.importorskip("torch")
     sae_lens = pytest.importorskip("sae_lens")
-    summary = train(_run_cfg(tmp_path / "run", False), quiet=True)
-    assert np.isfinite(summary["fvu"])
-    out = export_run(tmp_path / "run", tmp_path / "export")
+    out = export_run(run_dir, run_dir.parent / "export")
     theirs = sae_lens.SAE.load_from_disk(str(out))
-    assert theirs.cfg.architecture() == "jumprelu" and not theirs.cfg.apply_b_dec_to_input
-    run_sae, exported = load_sae(tmp_path / "run"), load_sae(out)
-    assert exported.arch == run_sae.arch == "jumprelu"
-    x = np.random.default_rng(0).normal(size=(32, D)).astype(np.float32) * 3
+    assert theirs.cfg.architecture() == arch
+    run_sae, exported = load_sae(run_dir), load_sae(out)
+    assert exported.arch == run_sae.arch == arch
+    x = np.random.default_rng(0).normal(size=(32, run_sae.d_in)).astype(np.float32) * 3
     f_run = np.asarray(run_sae.encode(run_sae.params, jnp.asarray(x)))
     assert (f_run > 0).any() and (f_run == 0).any()
     with torch.no_grad():
@@ -246,7 +242,20 @@ def test_export_loads_in_saelens_and_encodes_the_same(tmp_path):
                                f_run, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(x_hat_theirs, np.asarray(run_sae.decode(run_sae.params, f_run)),
                                rtol=1e-5, atol=1e-5)
-    assert_fold_is_exact(tmp_path / "run", x, f_run)
+    assert_fold_is_exact(run_dir, x, f_run)
+    return theirs, x, f_run
+
+
+@pytest.mark.slow  # tests/test_families.py covers it for every family
+def test_export_loads_in_saelens_and_encodes_the_same(tmp_path):
+    """A tiny trained run (the paper's form: no pre-encoder bias, inputs scaled, so the fold is
+    exercised) exported, loaded by SAELens itself and by saejax; and a folder SAELens saved
+    (with its default pre-encoder bias) loaded by saejax."""
+    torch = pytest.importorskip("torch")
+    summary = train(_run_cfg(tmp_path / "run", False), quiet=True)
+    assert np.isfinite(summary["fvu"])
+    theirs, x, f_run = assert_export_matches_saelens(tmp_path / "run", "jumprelu")
+    assert not theirs.cfg.apply_b_dec_to_input
 
     # SAELens's own folder, b_dec subtracted (its default): saejax reads the option and θ
     theirs.cfg.apply_b_dec_to_input = True
