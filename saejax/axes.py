@@ -1,7 +1,7 @@
 """The logical-axis rules table: the one place that names mesh axes.
 
 Model, data and training code name logical axes only (`batch`, `d_in`, `d_sae`); this table maps
-them to the mesh axes `data` and `model`. It sits at the bottom of the import layers so that SAE
+them to the mesh axes `sae` (sweep members), `data` and `model`. It sits at the bottom of the import layers so that SAE
 code which runs per feature shard (a `shard_map`, e.g. the sparse TopK path) can ask which mesh
 axis splits `d_sae` without naming it. `saejax.sharding` builds meshes and shardings from it.
 """
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "model")
+MESH_AXES = ("sae", "data", "model")
 
 # The rules table: logical axis name -> mesh axis (None = replicated).
 LOGICAL_RULES: dict[str, str | None] = {
+    "member": "sae",  # the leading axis of a sweep's stacked states (saejax.sweep)
     "batch": "data",
     "d_sae": "model",
     "d_in": None,

@@ -63,9 +63,12 @@ class ResampleConfig:
 @dataclass
 class MeshConfig:
     data: int = -1
-    """Devices along the `data` axis (batch). -1 = all devices not used by `model`."""
+    """Devices along the `data` axis (batch). -1 = all devices not used by `model` and `sae`."""
     model: int = 1
     """Devices along the `model` axis (the dictionary/feature dimension)."""
+    sae: int = 1
+    """Devices along the `sae` axis: a sweep's members are spread over it (each device holds
+    1/sae of every group's members; the batch is replicated over it)."""
 
 
 @dataclass
@@ -136,6 +139,9 @@ class TrainConfig:
     """Show a progress bar with tokens/s."""
     dead_window_tokens: int = 1_000_000
     """Metrics: a feature counts as dead if it has not fired in this many tokens."""
+    fail_on_frozen: bool = False
+    """Sweeps: a member whose loss becomes NaN/Inf is frozen at its last good state and the
+    others go on; with this, the run then exits with code 3 at the end (after every summary)."""
 
 
 @dataclass
@@ -159,18 +165,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def resolve_mesh_shape(mesh: MeshConfig, n_devices: int) -> tuple[int, int]:
-    """(data, model) sizes, filling a -1 with the remaining devices."""
-    data, model = mesh.data, mesh.model
-    if model < 1:
-        raise ConfigError(f"mesh.model must be >= 1, got {model}")
+    """(data, model) sizes, filling a -1 with the devices `model` and `sae` leave."""
+    data, model, sae = mesh.data, mesh.model, mesh.sae
+    if model < 1 or sae < 1:
+        raise ConfigError(f"mesh.model and mesh.sae must be >= 1, got {model} and {sae}")
     if data == -1:
-        if n_devices % model:
-            raise ConfigError(f"mesh.model={model} does not divide the {n_devices} devices")
-        data = n_devices // model
-    if data < 1 or data * model != n_devices:
-        raise ConfigError(
-            f"mesh.data × mesh.model = {data}×{model} must equal the {n_devices} devices available"
-        )
+        if n_devices % (model * sae):
+            raise ConfigError(f"mesh.model × mesh.sae = {model}×{sae} does not divide the "
+                              f"{n_devices} devices")
+        data = n_devices // (model * sae)
+    if data < 1 or sae * data * model != n_devices:
+        raise ConfigError(f"mesh.sae × mesh.data × mesh.model = {sae}×{data}×{model} must "
+                          f"equal the {n_devices} devices available")
     return data, model
 
 
@@ -195,7 +201,7 @@ RANGES = {
     "optim.warmup_steps": ">= 0", "optim.grad_clip": ">= 0",
     "resample.steps": ">= 1", "resample.at_fractions": "(0, 1)", "resample.window_steps": ">= 0",
     "resample.n_inputs": ">= 1", "resample.enc_scale": "> 0",
-    "mesh.data": "-1 or >= 1", "mesh.model": ">= 1",
+    "mesh.data": "-1 or >= 1", "mesh.model": ">= 1", "mesh.sae": ">= 1",
     "data.n_true_features": ">= 1", "data.p_active": "(0, 1]", "data.correlated_groups": ">= 0",
     "data.buffer_size": ">= 1", "data.buffer_blocks": ">= 1", "data.lm_batch_contexts": ">= 1",
     "data.seed": ">= 0",

@@ -59,6 +59,7 @@ import safetensors.numpy
 from saejax.atomic import atomic_dir
 from saejax.sae import FAMILIES, family_for_saelens, get_family
 from saejax.sae.config import SAEConfig
+from saejax.sweep import split_member
 
 WEIGHTS_FILENAME = "sae_weights.safetensors"  # sae_lens/constants.py SAE_WEIGHTS_FILENAME
 CFG_FILENAME = "cfg.json"  # sae_lens/constants.py SAE_CFG_FILENAME
@@ -265,6 +266,12 @@ def _dataset_path(cfg) -> str | None:
     return path or None
 
 
+def _run_name(spec) -> str:
+    """The run's absolute path (`RUN:member` for a sweep member)."""
+    run_dir, member = split_member(spec)
+    return str(run_dir.resolve()) + (f":{member}" if member else "")
+
+
 def export_run(run_dir, out_dir, *, overwrite: bool = False) -> Path:
     """Export a training run's newest good checkpoint in SAELens's format. Only the parameters
     are read (onto all local devices, features sharded) and copied to the host shard by shard."""
@@ -281,7 +288,7 @@ def export_run(run_dir, out_dir, *, overwrite: bool = False) -> Path:
         out_dir, jax.device_get(params), architecture=family.saelens_architecture,
         options=family.saelens_options(sae_cfg), input_scale=run.input_scale,
         overwrite=overwrite,
-        metadata={"saejax_run": str(Path(run_dir).resolve()), "saejax_step": run.step,
+        metadata={"saejax_run": _run_name(run_dir), "saejax_step": run.step,
                   "dataset_path": _dataset_path(run.cfg), "model_name": lm_path or None,
                   "hook_name": site or None},
     )

@@ -27,6 +27,7 @@ from saejax.data import relocated
 from saejax.errors import ConfigError
 from saejax.typedconfig import read_yaml
 from saejax.sae import SAEConfig, get_family
+from saejax.sweep import read_sweep, split_member
 
 
 @dataclass
@@ -49,16 +50,42 @@ class RunParams:
                                                           self.family_state)
 
 
-def read_config(run_dir: str | Path) -> Config:
-    """The config a run was started with, or a ConfigError naming what is missing or wrong."""
-    run_dir = Path(run_dir)
+def is_run(spec: str | Path) -> bool:
+    """Whether `spec` names a training run: a run directory, or `RUN:member` of a sweep."""
+    return (split_member(spec)[0] / "config.yaml").is_file()
+
+
+def read_config(spec: str | Path) -> Config:
+    """The config a run was started with (a sweep member's for `RUN:member`), or a ConfigError
+    naming what is missing or wrong."""
+    run_dir, member = split_member(spec)
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a saejax run directory (no config.yaml)")
     tree = read_yaml(path, "the run's config")
     if "sae" not in tree and "model" in tree:
         raise ConfigError(f"{run_dir} is a language-model run (train-lm), not an SAE run")
-    return relocated(from_dict(Config, tree), run_dir)
+    base = relocated(from_dict(Config, tree), run_dir)
+    sweep = read_sweep(run_dir, base)
+    if sweep is None:
+        if member is not None:
+            raise ConfigError(f"{run_dir} is a single SAE's run, not a sweep: no member {member}")
+        return base
+    if member is None:
+        raise ConfigError(f"{run_dir} is a sweep of {len(sweep.members)} members: name one as "
+                          f"{run_dir}:MEMBER (e.g. {run_dir}:{sweep.members[0].name})")
+    return sweep.member(member).cfg
+
+
+def members(run_dir: str | Path) -> list[str]:
+    """`RUN:member` of every member of a sweep run, or [run_dir] for any other path."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or split_member(run_dir)[1] is not None:
+        return [str(run_dir)]
+    base = relocated(from_dict(Config, read_yaml(run_dir / "config.yaml", "the run's config")),
+                     run_dir)
+    sweep = read_sweep(run_dir, base)
+    return [str(run_dir)] if sweep is None else [f"{run_dir}:{m.name}" for m in sweep.members]
 
 
 def inference_mesh(n_features: int, devices: list | None = None) -> Mesh:
@@ -84,19 +111,39 @@ def _abstract(cfg: Config, mesh: Mesh) -> dict:
             "family_state": target(state, family.state_axes)}
 
 
-def load_params(run_dir: str | Path, mesh: Mesh | None = None) -> RunParams:
-    """The newest checkpoint of a run that restores and verifies, parameters only, laid out on
-    `mesh` (default: `inference_mesh`)."""
-    run_dir = Path(run_dir)
-    cfg = read_config(run_dir)
+def load_params(spec: str | Path, mesh: Mesh | None = None) -> RunParams:
+    """The newest checkpoint of a run (or of `RUN:member`, a sweep member) that restores and
+    verifies, parameters only, laid out on `mesh` (default: `inference_mesh`)."""
+    run_dir, member = split_member(spec)
+    cfg = read_config(spec)
     mesh = inference_mesh(cfg.sae.n_features) if mesh is None else mesh
+    target = _abstract(cfg, mesh)
+    if member is not None:  # its group's stacked arrays, then its own slice of them
+        group, index, size = _member_position(run_dir, cfg, member)
+        target = {group: jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+            (size, *a.shape), a.dtype, sharding=sharding.over_members(a.sharding)), target)}
     restored = Checkpointer(run_dir / "checkpoints", read_only=True).restore_latest(
-        _abstract(cfg, mesh), partial=True)
+        target, partial=True)
     if restored is None:
         raise ConfigError(f"{run_dir / 'checkpoints'} holds no checkpoint")
     step, state, _ = restored
+    if member is not None:
+        state = jax.jit(lambda s: jax.tree.map(lambda x: x[index], s),
+                        out_shardings=jax.tree.map(lambda a: a.sharding, _abstract(cfg, mesh))
+                        )(state[group])
     return RunParams(cfg, step, state["params"], float(state["input_scale"]),
                      state["family_state"])
+
+
+def _member_position(run_dir: Path, cfg: Config, member: str) -> tuple[str, int, int]:
+    """(group key, index in the group, group size) of a sweep member."""
+    base = relocated(from_dict(Config, read_yaml(run_dir / "config.yaml", "the run's config")),
+                     run_dir)
+    for group in read_sweep(run_dir, base).groups:
+        names = [m.name for m in group.members]
+        if member in names:
+            return group.name, names.index(member), len(names)
+    raise ConfigError(f"{run_dir}: no sweep member {member}")
 
 
 def provenance(cfg: Config) -> tuple[str, str]:

@@ -20,9 +20,10 @@ from saejax.config import MeshConfig, resolve_mesh_shape
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    """A ("data", "model") mesh over all devices (or `devices`), Auto axes so XLA propagates."""
+    """A ("sae", "data", "model") mesh over all devices (or `devices`), Auto axes so XLA
+    propagates."""
     devices = jax.devices() if devices is None else devices
-    shape = resolve_mesh_shape(cfg, len(devices))
+    shape = (cfg.sae, *resolve_mesh_shape(cfg, len(devices)))
     return jax.make_mesh(
         shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
     )
@@ -36,6 +37,13 @@ def axis_size(mesh: Mesh, name: str) -> int:
     """How many ways the logical axis `name` is split on `mesh` (1 when it is replicated)."""
     axis = LOGICAL_RULES.get(name)
     return 1 if axis is None else mesh.shape[axis]
+
+
+def over_members(tree: Any) -> Any:
+    """The shardings of a sweep's stacked states: each of `tree`'s shardings with a leading
+    `member` axis (sweep members spread over the mesh axis the rules table maps it to)."""
+    axis = LOGICAL_RULES["member"]
+    return jax.tree.map(lambda s: NamedSharding(s.mesh, P(axis, *s.spec)), tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

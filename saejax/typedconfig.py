@@ -107,12 +107,17 @@ def _looks_numeric(s: str) -> bool:
 def load_dataclass(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
     """Config dataclass `cls` from its defaults <- YAML file <- dotted `a.b=value` overrides,
     unknown keys and wrong types rejected (no cross-field validation)."""
-    tree: dict = {}
-    if path is not None:
-        tree = _floatify(read_yaml(path, "config file"))
+    return from_dict(cls, load_tree(path, overrides))
+
+
+def load_tree(path: str | Path | None = None, overrides: list[str] = (),
+              tree: dict | None = None) -> dict:
+    """The nested dict of a YAML file (or `tree`, already read) with dotted overrides applied,
+    values as `load_dataclass` reads them (before any check)."""
+    tree = _floatify(read_yaml(path, "config file") if path is not None else (tree or {}))
     for text in overrides:
         _set_dotted(tree, *parse_override(text))
-    return from_dict(cls, tree)
+    return tree
 
 
 def read_yaml(path: str | Path, what: str) -> dict:

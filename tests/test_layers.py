@@ -14,7 +14,8 @@ LAYERS = [
     ["saejax.errors", "saejax.atomic", "saejax.files", "saejax.hashmix",  # 0 base
      "saejax.typedconfig", "saejax.axes"],
     ["saejax.sae", "saejax.text"],                                        # 1 sae, text
-    ["saejax.config", "saejax.sharding", "saejax.checkpoint"],            # 2 config
+    ["saejax.config", "saejax.sharding", "saejax.checkpoint", "saejax.sweep",
+     "saejax.cluster"],                                                   # 2 config
     ["saejax.lm"],                                                        # 3 lm
     ["saejax.data"],                                                      # 4 data
     ["saejax.train"],                                                     # 5 train

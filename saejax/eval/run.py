@@ -55,10 +55,10 @@ def trained_contexts(sae_path: str | os.PathLike, tokens_sha: str, n_contexts: i
     import json  # noqa: PLC0415
 
     from saejax.export import CFG_FILENAME  # noqa: PLC0415
-    from saejax.runs import read_config  # noqa: PLC0415
+    from saejax.runs import is_run, read_config  # noqa: PLC0415
 
     path = Path(sae_path)
-    if not (path / "config.yaml").is_file():  # a SAELens folder: its dataset_path may be a store
+    if not is_run(path):  # a SAELens folder: its dataset_path may be a store
         try:
             meta = json.loads((path / CFG_FILENAME).read_text()).get("metadata") or {}
         except (OSError, ValueError):

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from saejax import sharding
 from saejax.config import from_dict
 from saejax.export import CFG_FILENAME, load_saelens
-from saejax.runs import inference_mesh, load_params, provenance
+from saejax.runs import inference_mesh, is_run, load_params, provenance
 from saejax.sae import family_for_saelens, get_family
 from saejax.sae.config import SAEConfig
 
@@ -123,10 +123,11 @@ def _from_saelens(path: Path, mesh: Mesh | None) -> TrainedSAE:
 
 
 def load_sae(path: str | Path, mesh: Mesh | None = None) -> TrainedSAE:
-    """A run directory (config.yaml + checkpoints/) or a SAELens folder (cfg.json + weights),
-    its parameters laid out on `mesh` (default: all local devices, features sharded)."""
+    """A run directory (config.yaml + checkpoints/), a sweep member (`RUN:member`) or a SAELens
+    folder (cfg.json + weights), its parameters laid out on `mesh` (default: all local devices,
+    features sharded)."""
     path = Path(path)
-    if (path / "config.yaml").is_file():
+    if is_run(path):
         return _from_run(path, mesh)
     if (path / CFG_FILENAME).is_file():
         return _from_saelens(path, mesh)

@@ -58,6 +58,10 @@ VALUE_BITS = 31
 like the value."""
 
 
+DATA_FIELDS = (*topk.DATA_FIELDS, "batchtopk.threshold_lr")
+"""`Family.data_fields` (Matryoshka's too): TopK's, and θ's averaging rate."""
+
+
 def hparams(cfg: SAEConfig, steps: int, batch_size: int) -> dict[str, float]:
     """TopK's AuxK weight and window, and θ's averaging rate."""
     return {**topk.hparams(cfg, steps, batch_size), "threshold_lr": cfg.batchtopk.threshold_lr}

@@ -87,6 +87,10 @@ class Family:
     representation differ (e.g. log θ -> threshold)."""
     from_saelens_tensors: Callable[[dict], dict] = lambda tensors: tensors
     """The inverse of `to_saelens`: parameters from a SAELens folder's tensors."""
+    data_fields: tuple[str, ...] = ()
+    """Fields of its sections (`section.field`) that reach the train step only as `hparams` or
+    initial values, not as compiled constants: a sweep varies them inside one compiled step
+    (`saejax.sweep`; tests/test_sweep.py checks the program does not change with them)."""
 
     @property
     def param_axes(self) -> dict[str, tuple[str, ...]]:

@@ -50,6 +50,10 @@ PER_FEATURE = ("b_gate", "r_mag", "b_mag")
 """The gated family's per-feature vectors (b_enc's place)."""
 
 
+DATA_FIELDS = ("gated.l1_coefficient", "gated.l1_warmup_fraction", "gated.target_l0")
+"""`Family.data_fields`: λ, its warm-up and target are `hparams`."""
+
+
 def hparams(cfg: SAEConfig, steps: int, batch_size: int) -> dict[str, float]:
     """relu.py's names, so its λ ramp and L0 controller read them as they are."""
     g = cfg.gated

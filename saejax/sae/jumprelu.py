@@ -122,6 +122,11 @@ step.defvjp(_step_fwd, _step_bwd)
 # ------------------------------------------------------------------ the family's record pieces
 
 
+DATA_FIELDS = ("jumprelu.l0_coefficient", "jumprelu.l0_warmup_fraction", "jumprelu.target_l0",
+               "jumprelu.bandwidth", "jumprelu.threshold_init")
+"""`Family.data_fields`: λ, its warm-up and target and ε are `hparams`; θ₀ only initialises."""
+
+
 def hparams(cfg: SAEConfig, steps: int, batch_size: int) -> dict[str, float]:
     j = cfg.jumprelu
     return {"l0_coefficient": j.l0_coefficient, "target_l0": j.target_l0,

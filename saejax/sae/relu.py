@@ -25,6 +25,11 @@ from saejax.sae.decoder_norm import row_norms
 TARGET_RATE = 0.01
 """With `target_l0`, log λ moves by at most this much per step (an e-fold in 100 steps)."""
 
+DATA_FIELDS = ("relu.l1_coefficient", "relu.l1_warmup_fraction", "relu.target_l0",
+               "relu.init_enc_from_dec")
+"""`Family.data_fields`: λ, its warm-up and target are `hparams`; init_enc_from_dec only
+initialises."""
+
 
 def hparams(cfg: SAEConfig, steps: int, batch_size: int) -> dict[str, float]:
     r = cfg.relu

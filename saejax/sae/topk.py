@@ -40,6 +40,9 @@ at k/F = 1/4096): the sparse backward's gathers and scatters cost a product's ti
 fewer entries, so sparse wins below about 1/300 (1/512 leaves a margin); to be confirmed on
 the device."""
 
+DATA_FIELDS = ("topk.aux_coefficient", "topk.dead_tokens_aux")
+"""`Family.data_fields`: AuxK's weight and window are `hparams` (k and k_aux are shapes)."""
+
 
 def hparams(cfg: SAEConfig, steps: int, batch_size: int) -> dict[str, float]:
     window = cfg.topk.dead_tokens_aux or min(AUX_WINDOW_TOKENS, steps * batch_size // 10)

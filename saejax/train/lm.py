@@ -175,7 +175,7 @@ RANGES = {
     "train.steps": ">= 1", "train.batch_size": ">= 1", "train.seed": ">= 0",
     "train.log_every": ">= 1", "train.eval_every": ">= 0", "train.checkpoint_every": ">= 1",
     "train.keep_checkpoints": ">= 1",
-    "mesh.data": "-1 or >= 1", "mesh.model": ">= 1",
+    "mesh.data": "-1 or >= 1", "mesh.model": ">= 1", "mesh.sae": "[1, 1]",  # no sweeps of LMs
 }  # fmt: skip
 """The range of every numeric field (`typedconfig.check_ranges`; NaN/Inf is rejected for all)."""
 

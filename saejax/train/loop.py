@@ -10,6 +10,8 @@ continues bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import sys
+import types
 from pathlib import Path
 
 import jax
@@ -18,6 +20,9 @@ import numpy as np
 from saejax import config as config_lib
 from saejax import sharding
 from saejax.config import Config, ConfigError
+from saejax.errors import NonFiniteLossError
+from saejax.sweep import FILENAME as SWEEP_FILE, Sweep, save_sweep
+from saejax.typedconfig import read_yaml
 from saejax.data import make_provider, relocated, with_absolute_paths
 from saejax.sae import get_family
 from saejax.sae.stats import dead_fraction, density_summary, heldout_metrics
@@ -33,7 +38,8 @@ from saejax.train.step import StepContract
 RESUMABLE_CHANGES = {"train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.async_checkpointing", "train.tensorboard",
                      "train.progress", "train.run_dir", "train.dead_window_tokens",
-                     "mesh.data", "mesh.model"}
+                     "train.fail_on_frozen",
+                     "mesh.data", "mesh.model", "mesh.sae"}
 INIT_SAMPLE = 16_384  # rows for the geometric median / input scale
 EVAL_ROWS = 32_768
 
@@ -78,8 +84,9 @@ def sample_rows(data, n: int, seed: int, mesh) -> jax.Array:
 
 def init_from_data(contract: StepContract, data, cfg: Config, mesh):
     """A fresh state, initialised from a data sample (input scale, geometric median); refused
-    when that made it NaN/Inf: the data holds NaN/Inf values, and every loss would be NaN."""
-    state = contract.init(sample_rows(data, INIT_SAMPLE, cfg.train.seed, mesh))
+    when that made it NaN/Inf: the data holds NaN/Inf values, and every loss would be NaN.
+    The sample depends on data.seed only, so sweep members that differ in train.seed share it."""
+    state = contract.init(sample_rows(data, INIT_SAMPLE, cfg.data.seed, mesh))
     if not all_finite(state):
         raise ConfigError(f"data.source={cfg.data.source}: the data holds NaN or Inf values (the "
                           f"SAE initialised from {INIT_SAMPLE} sampled rows is not finite)")
@@ -112,63 +119,228 @@ def log_record(step: int, metrics: dict, last_fired: np.ndarray, fire_count: np.
     return record
 
 
-def train(cfg: Config, *, quiet: bool = False) -> dict:
-    """Train (or resume) the run in cfg.train.run_dir; returns the final summary."""
+@dataclasses.dataclass
+class Part:
+    """One compiled step of a run: a single SAE, or one group of a sweep (its members' states
+    stacked, `StepContract.members`)."""
+
+    contract: StepContract
+    key: str | None
+    """The key of its state in a sweep's checkpointed dict; None: the state is the part's."""
+    names: tuple[str, ...] = ()
+    """Its members' names (a sweep group), () for a single SAE."""
+
+    @property
+    def cfgs(self) -> tuple[Config, ...]:
+        return self.contract.members or (self.contract.cfg,)
+
+
+def build_parts(cfg: Config, sweep: Sweep | None, mesh) -> list[Part]:
+    if sweep is None:
+        return [Part(StepContract.build(cfg, mesh), None)]
+    return [Part(StepContract.build(g.cfg, mesh, tuple(m.cfg for m in g.members)), g.name,
+                 tuple(m.name for m in g.members)) for g in sweep.groups]
+
+
+def check_sweep(sweep: Sweep, n_devices: int) -> None:
+    """Every member valid on these devices, every group divisible over the `sae` axis."""
+    for m in sweep.members:
+        try:
+            config_lib.validate(m.cfg, n_devices)
+        except ConfigError as e:
+            raise ConfigError(f"sweep member {m.name}: {e}") from None
+    n = sweep.base.mesh.sae
+    for g in sweep.groups:
+        if len(g.members) % n:
+            raise ConfigError(f"mesh.sae={n} does not divide the {len(g.members)} members of "
+                              f"the group of {g.members[0].name}; make it a divisor")
+
+
+def train(cfg: Config, *, quiet: bool = False, sweep: Sweep | None = None) -> dict:
+    """Train (or resume) the run in cfg.train.run_dir; returns the final summary (a sweep's:
+    {member: summary}). A sweep (`saejax.sweep`) trains every member in one loop on the same
+    batches, cfg being its base config."""
     config_lib.validate(cfg, jax.device_count())
+    if sweep is not None:
+        check_sweep(sweep, jax.device_count())
     t = cfg.train
     run_dir = Path(t.run_dir)
-    check_memory(cfg, *config_lib.resolve_mesh_shape(cfg.mesh, jax.device_count()),
-                 eval_rows=EVAL_ROWS, chunk_rows=CHUNK)
+    n_data, n_model = config_lib.resolve_mesh_shape(cfg.mesh, jax.device_count())
+    for c in (sweep.groups if sweep else [None]):
+        per_device = 1 if c is None else -(-len(c.members) // cfg.mesh.sae)
+        check_memory(cfg if c is None else c.cfg, n_data, n_model, eval_rows=EVAL_ROWS,
+                     chunk_rows=CHUNK, members=per_device)
     mesh = make_mesh(cfg.mesh)
     data = make_provider(cfg, mesh)  # a data path or shape at fault is refused before any write
+    check_sweep_dir(run_dir, sweep)
     prepare_run_dir(run_dir, cfg, resumable_changes(cfg), view=recorded_view(run_dir))
-    contract = StepContract.build(cfg, mesh)
+    if sweep is not None and jax.process_index() == 0:
+        save_sweep(sweep, run_dir)
+    parts = build_parts(cfg, sweep, mesh)
     batch = jax.ShapeDtypeStruct((t.batch_size, cfg.sae.d_in), data.batch_dtype,
-                                 sharding=contract.batch_sharding)
-    step_fn, memory = compile_step(contract.step_fn, contract.abstract_state(), batch)
-    resample_at = set(config_lib.resample_steps(cfg))
-    meta = {"config": config_lib.to_dict(cfg)}
+                                 sharding=parts[0].contract.batch_sharding)
+    compiled = [compile_step(p.contract.step_fn, p.contract.abstract_state(), batch)
+                for p in parts]
+    meta = {"config": config_lib.to_dict(cfg), **({"sweep": sweep.to_dict()} if sweep else {})}
+    group = Groups(parts, [c[0] for c in compiled])
 
     with Runner(run_dir, keep=t.keep_checkpoints, async_save=t.async_checkpointing) as runner:
-        restored = runner.restore(contract.abstract_state())
+        restored = runner.restore(group.pack([p.contract.abstract_state() for p in parts]))
         start, state = ((restored[0], restored[1]) if restored is not None else
-                        (0, init_from_data(contract, data, cfg, mesh)))
+                        (0, group.pack([init_from_data(p.contract, data, cfg, mesh)
+                                        for p in parts])))
         with MetricsFile(run_dir, start_step=start, total_steps=t.steps,
                          tensorboard=t.tensorboard, progress=t.progress and not quiet) as log:
             if start == 0:
-                log.write(start_record(mesh, state.params, t.batch_size, memory))
+                log.write(start_record(mesh, state_params(state), t.batch_size,
+                                       sum_memory([c[1] for c in compiled])))
             clock = Throughput(start, t.batch_size)
+            resample_at = set(config_lib.resample_steps(cfg))
 
             def on_step(done: int, state, metrics: dict):
                 # Logged before resampling, so the record describes the state this step ran with.
                 if due(done, t.log_every, t.steps):
-                    record = log_record(done, *read_back(state, metrics, state.last_fired,
-                                                         state.fire_count), cfg)
-                    record["tokens_per_s"] = clock.rate(done)
-                    log.write(record)
-                    log.show(done, loss=f"{record['loss']:.4g}", l0=f"{record['l0']:.1f}",
-                             tok_s=f"{record['tokens_per_s']:.3g}")
+                    rate = clock.rate(done)
+                    records = group.log_records(done, state, metrics, cfg)
+                    for record in records:
+                        log.write({**record, "tokens_per_s": rate}
+                                  if "event" not in record else record)
+                    first = next(r for r in records if "loss" in r) if records else None
+                    if first is not None:
+                        log.show(done, loss=f"{first['loss']:.4g}", l0=f"{first['l0']:.1f}",
+                                 tok_s=f"{rate:.3g}")
                 if done in resample_at:
-                    chunks = resample_chunks(data, cfg, t.seed * 7919 + done, mesh)
-                    state, n_dead = resample(contract, state, chunks)
-                    log.write({"step": done, "event": "resample", "n_resampled": n_dead})
+                    states = []
+                    for part, s in zip(parts, group.unpack(state)):
+                        chunks = resample_chunks(data, cfg, cfg.data.seed * 7919 + done, mesh)
+                        s, n_dead = resample(part.contract, s, chunks)
+                        states.append(s)
+                        for name, n in zip(part.names or [None], np.atleast_1d(n_dead)):
+                            log.write({"step": done, "event": "resample", "n_resampled": int(n),
+                                       **({"member": name} if name else {})})
+                    state = group.pack(states)
                 if due(done, t.checkpoint_every, t.steps):
                     runner.save(done, state, meta)
                 return state
 
-            state = runner.loop(state, step_fn, data.batches(start, t.steps), start, t.steps,
+            state = runner.loop(state, group.step, data.batches(start, t.steps), start, t.steps,
                                 on_step)
-            summary = summarize(cfg, contract, state, data, mesh)
-            log.write({"step": t.steps, "event": "summary", **summary})
+            summaries = group.summaries(state, data, mesh)
+            for name, summary in summaries.items():
+                log.write({"step": t.steps, "event": "summary",
+                           **({"member": name} if name else {}), **summary})
     if not quiet and jax.process_index() == 0:
-        print(format_summary(summary))
-    return summary
+        for name, summary in summaries.items():
+            print((f"{name}: " if name else "") + format_summary(summary))
+    if sweep is None:
+        return summaries[None]
+    frozen = [n for n, s in summaries.items() if "frozen_at" in s]
+    if frozen and t.fail_on_frozen:
+        raise NonFiniteLossError(f"sweep members whose loss became NaN/Inf (frozen): "
+                                 f"{', '.join(frozen)}")
+    return summaries
+
+
+def check_sweep_dir(run_dir: Path, sweep: Sweep | None) -> None:
+    """Refuse a sweep in a single SAE's run directory, a single SAE in a sweep's, or a sweep
+    whose members differ from the ones recorded there."""
+    recorded = run_dir / SWEEP_FILE
+    if sweep is None and recorded.is_file():
+        raise ConfigError(f"{run_dir} holds a sweep ({SWEEP_FILE}); resume it with the same "
+                          "--sweep arguments, or choose another train.run_dir")
+    if sweep is None or not (run_dir / "config.yaml").is_file():
+        return
+    if not recorded.is_file():
+        raise ConfigError(f"{run_dir} holds a single SAE's run, not a sweep; choose another "
+                          "train.run_dir")
+    saved = read_yaml(recorded, "the sweep's members")
+    if saved != sweep.to_dict():
+        raise ConfigError(f"{run_dir} holds a sweep with other members ({recorded}); resume it "
+                          "with the same --sweep arguments, or choose another train.run_dir")
+
+
+def state_params(state) -> dict:
+    return ({k: s.params for k, s in state.items()} if isinstance(state, dict)
+            else state.params)
+
+
+def sum_memory(analyses: list):
+    """The memory analysis of a run's only step, or the sum of its steps' temporaries."""
+    if len(analyses) == 1 or any(a is None for a in analyses):
+        return analyses[0]
+    return types.SimpleNamespace(temp_size_in_bytes=sum(a.temp_size_in_bytes for a in analyses))
+
+
+class Groups:
+    """The state and steps of a run's parts as one: a single SAE's state is its TrainState, a
+    sweep's a dict {group key: stacked TrainState} (`pack`/`unpack`); `step` runs every part
+    on the same batch."""
+
+    def __init__(self, parts: list[Part], steps: list):
+        self.parts, self.steps = parts, steps
+
+    def pack(self, states: list):
+        if self.parts[0].key is None:
+            return states[0]
+        return {p.key: s for p, s in zip(self.parts, states)}
+
+    def unpack(self, state) -> list:
+        return [state] if self.parts[0].key is None else [state[p.key] for p in self.parts]
+
+    def step(self, state, batch):
+        out = [fn(s, batch) for fn, s in zip(self.steps, self.unpack(state))]
+        return self.pack([o[0] for o in out]), self.pack([o[1] for o in out])
+
+    def log_records(self, done: int, state, metrics, cfg: Config) -> list[dict]:
+        """metrics.jsonl records of log step `done`: one per member (a single SAE: one, and a
+        NaN/Inf loss stops the run), and an event for each member frozen since the previous log
+        step (a function of the state, so a resumed run writes the same records)."""
+        records, previous = [], (done - 1) // cfg.train.log_every * cfg.train.log_every
+        for part, s, m in zip(self.parts, self.unpack(state), self.unpack(metrics)):
+            trees = (m, s.last_fired, s.fire_count)
+            if not part.names:
+                records.append(log_record(done, *read_back(s, *trees), cfg))
+                continue
+            m, last_fired, fire_count, bad = to_host((*trees, s.nonfinite_step))
+            for i, name in enumerate(part.names):
+                if bad[i] >= 0:
+                    if bad[i] + 1 > previous:
+                        records.append({"step": done, "event": "frozen", "member": name,
+                                        "nonfinite_step": int(bad[i]) + 1})
+                        warn(f"sweep member {name}: loss became NaN/Inf at step "
+                             f"{int(bad[i]) + 1}; frozen there, the others go on")
+                    continue
+                mi = {k: v[i] for k, v in m.items()}
+                records.append({"member": name,
+                                **log_record(done, mi, last_fired[i], fire_count[i], cfg)})
+        return records
+
+    def summaries(self, state, data, mesh) -> dict:
+        """{member name (None for a single SAE): held-out summary}."""
+        out = {}
+        for part, s in zip(self.parts, self.unpack(state)):
+            if not part.names:
+                out[None] = summarize(part.contract.cfg, part.contract, s, data, mesh)
+                continue
+            bad = to_host(s.nonfinite_step)
+            for i, (name, cfg) in enumerate(zip(part.names, part.cfgs)):
+                summary = summarize(cfg, part.contract, part.contract.member_state(s, i), data,
+                                    mesh)
+                if bad[i] >= 0:
+                    summary["frozen_at"] = int(bad[i]) + 1
+                out[name] = summary
+        return out
+
+
+def warn(text: str) -> None:
+    if jax.process_index() == 0:
+        print(f"saejax: {text}", file=sys.stderr, flush=True)
 
 
 def summarize(cfg: Config, contract: StepContract, state, data, mesh) -> dict:
     """Held-out MSE/FVU/L0, dead fraction over the metrics window, and the data's ground-truth
     metrics (MMCS for synthetic data)."""
-    x = sample_rows(data, EVAL_ROWS, 10_000_019 + cfg.train.seed, mesh)
+    x = sample_rows(data, EVAL_ROWS, 10_000_019 + cfg.data.seed, mesh)
     sae_cfg, params = get_family(cfg.sae.arch).for_inference(cfg.sae, state.params,
                                                              state.family_state)
     graphdef = (contract.graphdef if sae_cfg is cfg.sae

@@ -35,19 +35,20 @@ F32 = 4
 
 
 def device_bytes(cfg: Config, n_data: int, n_model: int, *, eval_rows: int,
-                 chunk_rows: int) -> dict[str, int]:
-    """{part: bytes per device} of the module docstring for a `n_data` x `n_model` mesh."""
-    d, F, B = cfg.sae.d_in, cfg.sae.n_features, cfg.train.batch_size
+                 chunk_rows: int, members: int = 1) -> dict[str, int]:
+    """{part: bytes per device} of the module docstring for a `n_data` x `n_model` mesh, with
+    `members` SAEs of a sweep group per device (state, step and resampling scale with them)."""
+    d, F, B, M = cfg.sae.d_in, cfg.sae.n_features, cfg.train.batch_size, members
     over_data, over_both = 1 / n_data, 1 / (n_data * n_model)
     parts = {
-        "parameters, gradients and Adam moments": 4 * ((2 * d * F + F) / n_model + d),
-        "step activations": 2 * B * d * over_data + 3 * B * F * over_both,
+        "parameters, gradients and Adam moments": M * 4 * ((2 * d * F + F) / n_model + d),
+        "step activations": (1 + M) * B * d * over_data + M * 3 * B * F * over_both,
         "evaluation": (2 * eval_rows * d * over_data
                        + 2 * min(eval_rows, HELDOUT_CHUNK) * F * over_both),
     }
     if resample_steps(cfg):
         c = min(chunk_rows, cfg.resample.n_inputs)
-        parts["resampling"] = 2 * F * d / n_model + c * d * over_data + 2 * c * F * over_both
+        parts["resampling"] = M * (2 * F * d / n_model + 2 * c * F * over_both) + c * d * over_data
     if cfg.data.source == "lm":
         parts["activation buffer"] = cfg.data.buffer_size * d * over_data
     return {k: int(v * F32) for k, v in parts.items()}
@@ -97,10 +98,11 @@ def _gib(n: float) -> str:
 
 
 def check_memory(cfg: Config, n_data: int, n_model: int, *, eval_rows: int,
-                 chunk_rows: int) -> None:
+                 chunk_rows: int, members: int = 1) -> None:
     """Refuse (ConfigError with the numbers and what to change) a run whose estimate exceeds
     the memory of its devices, or whose synthetic features exceed the host's."""
-    parts = device_bytes(cfg, n_data, n_model, eval_rows=eval_rows, chunk_rows=chunk_rows)
+    parts = device_bytes(cfg, n_data, n_model, eval_rows=eval_rows, chunk_rows=chunk_rows,
+                         members=members)
     need = peak(parts)
     have, devices = device_memory()
     if need > have:

@@ -23,11 +23,13 @@ from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
 from saejax.config import Config
 from saejax.sae import get_family
+from saejax.sharding import to_host
 from saejax.train.state import TrainState, loss_context, steps_since_fired
 
 CHUNK = 8192
@@ -103,20 +105,24 @@ def apply(state: TrainState, draws: Draws, *, cfg: Config,
         opt_state=opt_state,
         # A resampled feature gets a fresh window before it can count as dead again.
         last_fired=jnp.where(dead, state.step, state.last_fired),
-        rng=draws.next_rng,
+        # Advanced only by an event that resampled: a sweep member with none dead (its event
+        # runs because another member's did) stays equal to its solo run.
+        rng=jnp.where(dead.any(), draws.next_rng, state.rng),
     )
     return new_state, dead.sum()
 
 
 def resample(contract, state: TrainState,
-             chunks: Iterable[jax.Array]) -> tuple[TrainState, int]:
+             chunks: Iterable[jax.Array]) -> tuple[TrainState, np.ndarray]:
     """One resampling event with the compiled pieces of `contract` (`StepContract`), drawing
     from `chunks` of raw inputs (each [c, d_in], sharded like batches; consumed lazily, and not
-    at all when no feature is dead). Returns the new state and the number resampled."""
-    if int(contract.dead_count_fn(state)) == 0:
-        return state, 0
+    at all when no feature is dead). Returns the new state and the number resampled (per
+    member for a sweep group's stacked state)."""
+    dead = to_host(contract.dead_count_fn(state))
+    if not np.any(dead):
+        return state, dead
     draws = contract.resample_begin_fn(state)
     for x in chunks:
         draws = contract.resample_chunk_fn(state, draws, x)
     state, n = contract.resample_apply_fn(state, draws)
-    return state, int(n)
+    return state, to_host(n)

@@ -159,8 +159,13 @@ class Runner:
 
     def save(self, step: int, state, meta: dict) -> None:
         """Checkpoint `state` (with `step` as its data position), unless a loss so far was NaN/Inf
-        or the parameters or optimizer state hold one: then NonFiniteLossError, nothing saved."""
-        (finite,) = read_back(state, _all_finite((state.params, state.opt_state)))
+        or the parameters or optimizer state hold one: then NonFiniteLossError, nothing saved.
+        A sweep's state (a dict of group states) keeps members whose loss went NaN/Inf frozen
+        at their last good values, so only the values are checked."""
+        if isinstance(state, dict):
+            finite = to_host(_all_finite([(s.params, s.opt_state) for s in state.values()]))
+        else:
+            (finite,) = read_back(state, _all_finite((state.params, state.opt_state)))
         if not finite:  # a finite loss whose update overflowed: the next loss is NaN
             raise NonFiniteLossError(f"parameters became NaN/Inf at step {step}")
         self.ckpt.save(step, state, {**meta, "step": step, "data_position": step})
@@ -220,10 +225,8 @@ class MetricsFile:
         if self.is_main:
             with storage_errors(run_dir):
                 self._truncate_after(start_step)
-        self.tb = self.bar = None
-        if tensorboard and self.is_main:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.bar = None
+        self.tb: dict[str, Any] | None = {} if tensorboard and self.is_main else None
         if progress and self.is_main:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -249,9 +252,18 @@ class MetricsFile:
         with storage_errors(self.run_dir), self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.tb is not None:
+            writer = self._writer(record.get("member", ""))
             for k, v in record.items():
                 if isinstance(v, (int, float)) and math.isfinite(v) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
+                    writer.add_scalar(k, v, record["step"])
+
+    def _writer(self, member: str):
+        """The TensorBoard writer of a sweep member (a run of its own, tensorboard/<member>), or
+        of the run."""
+        if member not in self.tb:
+            from tensorboardX import SummaryWriter
+            self.tb[member] = SummaryWriter(str(self.run_dir / "tensorboard" / member))
+        return self.tb[member]
 
     def show(self, step: int, **postfix: str) -> None:
         """Move the progress bar to `step`, with these values beside it."""
@@ -265,8 +277,8 @@ class MetricsFile:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        for writer in (self.tb or {}).values():
+            writer.close()
 
 
 class Throughput:

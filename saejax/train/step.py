@@ -74,6 +74,32 @@ def under_mesh(mesh: Mesh, fn: Callable) -> Callable:
     return traced
 
 
+def keep_stopped(old: TrainState, new: TrainState) -> TrainState:
+    """A sweep member whose loss went NaN/Inf is frozen: from that step on it keeps its last
+    good state (only the step count and the record of the bad step move), so the others go on
+    and every checkpoint stays finite."""
+    stopped = (old.nonfinite_step >= 0) | (new.nonfinite_step >= 0)  # [M]
+
+    def pick(o, n):
+        return jnp.where(stopped.reshape(stopped.shape + (1,) * (n.ndim - 1)), o, n)
+
+    kept = jax.tree.map(pick, old, new)
+    return kept.replace(step=new.step, nonfinite_step=new.nonfinite_step)
+
+
+def for_members(fn: Callable, shared: tuple[int, ...] = (), freeze: bool = False) -> Callable:
+    """fn over a leading member axis of its state arguments (`jax.vmap`, members spread over
+    the mesh axis of `member`); the arguments at positions `shared` (batches, inputs) are the
+    same for every member. `freeze`: fn returns (state, ...) and stopped members keep theirs."""
+    def batched(*args):
+        axes = tuple(None if i in shared else 0 for i in range(len(args)))
+        out = jax.vmap(fn, in_axes=axes, spmd_axis_name=sharding.LOGICAL_RULES["member"])(*args)
+        if freeze:
+            out = (keep_stopped(args[0], out[0]), *out[1:])
+        return out
+    return batched
+
+
 @dataclasses.dataclass
 class StepContract:
     """Shardings, donation and compiled functions of one run, declared in one place.
@@ -87,6 +113,11 @@ class StepContract:
     Batches and resampling inputs are sharded over `data` by rows; the state as in
     `saejax.train.state.state_shardings`, the draws' [F, d] rows over features like W_dec;
     metrics and counts replicated.
+
+    A sweep group's contract (`members`: its members' configs) computes the same functions for
+    all members at once: every state leaf, draw, metric and count has a leading member axis
+    (sharded over the mesh axis of `member`), batches and inputs are shared, and a member whose
+    loss went NaN/Inf is frozen (`keep_stopped`).
     """
 
     cfg: Config
@@ -100,43 +131,62 @@ class StepContract:
     resample_begin_fn: Callable[[TrainState], resample_lib.Draws]
     resample_chunk_fn: Callable[..., resample_lib.Draws]
     resample_apply_fn: Callable[..., tuple[TrainState, jax.Array]]
+    members: tuple[Config, ...] = ()
+    """A sweep group's members' configs (they differ from `cfg` only in fields carried as
+    data); () for a single SAE."""
 
     @classmethod
-    def build(cls, cfg: Config, mesh: Mesh) -> "StepContract":
+    def build(cls, cfg: Config, mesh: Mesh, members: tuple[Config, ...] = ()) -> "StepContract":
         graphdef = get_family(cfg.sae.arch).graphdef(cfg.sae)
         tx = make_optimizer(cfg)
         state_sh = state_shardings(cfg, mesh, tx)
         batch_sh = sharding.batch_sharding(mesh)
         rep = sharding.replicated(mesh)
-
         rows = sharding.named(mesh, ("d_sae", "d_in"))
         draws_sh = resample_lib.Draws(rows, rows, rep, rep, rep, rep)
+        # Per member: every state leaf, draw and output gets a leading member axis.
+        def each(fn: Callable, shared: tuple[int, ...] = (), freeze: bool = False) -> Callable:
+            return for_members(fn, shared, freeze) if members else fn
+
+        per = sharding.over_members if members else (lambda tree: tree)
+        state_sh, draws_sh, out = per(state_sh), per(draws_sh), per(rep)
+        step = partial(train_step, graphdef=graphdef, cfg=cfg, tx=tx)
         return cls(
             cfg, mesh, graphdef, tx, state_sh, batch_sh,
-            step_fn=jax.jit(under_mesh(mesh, partial(train_step, graphdef=graphdef, cfg=cfg,
-                                                     tx=tx)),
-                            in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
+            step_fn=jax.jit(under_mesh(mesh, each(step, shared=(1,), freeze=True)),
+                            in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, out),
                             donate_argnums=(0,)),
-            dead_count_fn=jax.jit(lambda s: resample_lib.dead_mask(s).sum(),
-                                  in_shardings=(state_sh,), out_shardings=rep),
-            resample_begin_fn=jax.jit(resample_lib.begin, in_shardings=(state_sh,),
+            dead_count_fn=jax.jit(each(lambda s: resample_lib.dead_mask(s).sum()),
+                                  in_shardings=(state_sh,), out_shardings=out),
+            resample_begin_fn=jax.jit(each(resample_lib.begin), in_shardings=(state_sh,),
                                       out_shardings=draws_sh),
             resample_chunk_fn=jax.jit(
-                lambda s, d, x: resample_lib.draw_chunk(s, d, x, graphdef=graphdef),
+                each(partial(resample_lib.draw_chunk, graphdef=graphdef), shared=(2,)),
                 in_shardings=(state_sh, draws_sh, batch_sh), out_shardings=draws_sh,
                 donate_argnums=(1,)),
             resample_apply_fn=jax.jit(
-                lambda s, d: resample_lib.apply(s, d, cfg=cfg, tx=tx),
-                in_shardings=(state_sh, draws_sh), out_shardings=(state_sh, rep),
+                each(partial(resample_lib.apply, cfg=cfg, tx=tx), freeze=True),
+                in_shardings=(state_sh, draws_sh), out_shardings=(state_sh, out),
                 donate_argnums=(0,)),
+            members=tuple(members),
         )
+
+    def _init(self, sample: jax.Array | None) -> TrainState:
+        """The initial state (stacked over members: each from its own config)."""
+        if not self.members:
+            return init_state(self.cfg, self.tx, sample)
+        states = [init_state(c, make_optimizer(c), sample) for c in self.members]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state (the restore target for checkpoints)."""
-        shapes = jax.eval_shape(lambda: init_state(self.cfg, self.tx, None))
-        return sharding.abstract(shapes, self.state_shardings)
+        return sharding.abstract(jax.eval_shape(lambda: self._init(None)), self.state_shardings)
 
     def init(self, sample: jax.Array | None) -> TrainState:
         """Fresh state created already sharded; `sample` ([N, d_in]) drives data-dependent init."""
-        return jax.jit(lambda s: init_state(self.cfg, self.tx, s),
-                       out_shardings=self.state_shardings)(sample)
+        return jax.jit(self._init, out_shardings=self.state_shardings)(sample)
+
+    def member_state(self, state: TrainState, i: int) -> TrainState:
+        """Member i's state out of a group's stacked state, laid out as a single SAE's."""
+        solo = state_shardings(self.cfg, self.mesh, self.tx)
+        return jax.jit(lambda s: jax.tree.map(lambda x: x[i], s), out_shardings=solo)(state)
