@@ -1,5 +1,5 @@
 """`saejax <command>`: train, export, train-lm, tokenize, harvest, eval, analyze, browse, compare,
-config.
+report, scaling, plan, config.
 
 A user's mistake never ends in a traceback: every saejax error, and the OSError/ValueError a bad
 path or value raises, is printed as one line `saejax: <kind>: <message>` (exit 2; 3 when a
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -30,25 +31,33 @@ INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 
 
 def _maybe_init_distributed() -> None:
-    """Join a multi-process run when SAEJAX_COORDINATOR etc. are set (see launch/local.py)."""
-    if os.environ.get("SAEJAX_COORDINATOR"):
-        import jax
-        jax.distributed.initialize(
-            coordinator_address=os.environ["SAEJAX_COORDINATOR"],
-            num_processes=int(os.environ["SAEJAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["SAEJAX_PROCESS_ID"]),
-        )
+    """Join the multi-process run this process belongs to: SAEJAX_* variables, or a cluster JAX
+    detects (SLURM, Open MPI, TPU pods, Kubernetes); else one process (saejax/cluster.py)."""
+    from saejax.cluster import initialize
+
+    initialize()
 
 
 # ---------------------------------------------------------------- the trainers
 
 
 def _sae_config(args):
-    """The SAE config of `train`/`config --show`, data paths and run_dir made absolute."""
+    """The SAE config of `train`/`config --show`, data paths and run_dir made absolute; for a
+    sweep (`--sweep`, or a `sweep:` section in --config), its base config."""
+    return _sae_run(args)[0]
+
+
+def _sae_run(args):
+    """(config, sweep or None) of `train`, data paths and run_dir made absolute."""
     from saejax.config import load_config
     from saejax.data import with_absolute_paths
+    from saejax.sweep import load_sweep, map_configs
 
-    return with_absolute_paths(load_config(args.config, args.overrides))
+    sweep = load_sweep(args.config, args.overrides, getattr(args, "sweep", None) or [])
+    if sweep is None:
+        return with_absolute_paths(load_config(args.config, args.overrides)), None
+    sweep = map_configs(sweep, with_absolute_paths)
+    return sweep.base, sweep
 
 
 def _lm_config(args):
@@ -64,10 +73,10 @@ def _lm_config(args):
         train=dataclasses.replace(cfg.train, run_dir=absolute_path(cfg.train.run_dir)))
 
 
-def _finished_summary(run_dir: str, steps: int, check) -> dict | None:
-    """The summary a finished run wrote for `steps` steps, or None when it is not finished. The
-    run's saved config is first checked against the command's (`check(saved)` raises), so a
-    different command is refused as it would be on resume."""
+def _finished_summary(run_dir: str, steps: int, check, n: int = 1) -> list[dict] | None:
+    """The summaries (n: one per sweep member) a finished run wrote for `steps` steps, or None
+    when it is not finished. The run's saved config is first checked against the command's
+    (`check(saved)` raises), so a different command is refused as it would be on resume."""
     run_dir = Path(run_dir)
     metrics, saved = run_dir / "metrics.jsonl", run_dir / "config.yaml"
     if not (metrics.is_file() and saved.is_file() and (run_dir / "checkpoints").is_dir()):
@@ -75,29 +84,33 @@ def _finished_summary(run_dir: str, steps: int, check) -> dict | None:
     from saejax.typedconfig import read_yaml
 
     check(read_yaml(saved, "the run's config"))
-    for line in reversed(metrics.read_text().splitlines()):
+    summaries = []
+    for line in metrics.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if record.get("event") == "summary":
-            return record if record.get("step") == steps else None
-    return None
+            summaries.append(record)
+    done = [r for r in summaries[-n:] if r.get("step") == steps]
+    return done if len(done) == n else None
 
 
-def _run_trainer(args, cfg, check, train, format_summary) -> int:
-    """Run `train(cfg)`, or only print the summary when the run has already finished."""
+def _run_trainer(args, cfg, check, train, format_summary, n_summaries: int = 1) -> int:
+    """Run `train(cfg)`, or only print the summaries when the run has already finished."""
     import jax
 
     args.run_dir = cfg.train.run_dir  # for the Ctrl-C message
     _maybe_init_distributed()
-    done = _finished_summary(cfg.train.run_dir, cfg.train.steps, check)
+    done = _finished_summary(cfg.train.run_dir, cfg.train.steps, check, n_summaries)
     if done is None:
         with _ctrl_c_outside_checkpointing():
             train(cfg, quiet=args.quiet)  # prints its summary unless quiet
     elif not args.quiet and jax.process_index() == 0:
-        print(f"run already complete at step {done['step']} in {cfg.train.run_dir}")
-        print(format_summary(done))
+        print(f"run already complete at step {done[0]['step']} in {cfg.train.run_dir}")
+        for record in done:
+            member = record.get("member")
+            print((f"{member}: " if member else "") + format_summary(record))
     return 0
 
 
@@ -133,11 +146,13 @@ def _ctrl_c_outside_checkpointing():
 
 
 def cmd_train(args) -> int:
-    cfg = _sae_config(args)  # config errors before any heavy import
+    cfg, sweep = _sae_run(args)  # config errors before any heavy import
     from saejax.train.loop import check_resumable, format_summary, train
 
+    if sweep is not None:
+        train = functools.partial(train, sweep=sweep)
     return _run_trainer(args, cfg, lambda saved: check_resumable(saved, cfg), train,
-                        format_summary)
+                        format_summary, n_summaries=len(sweep.members) if sweep else 1)
 
 
 def cmd_train_lm(args) -> int:
@@ -176,6 +191,22 @@ def cmd_config(args) -> int:
 
     cfg = _lm_config(args) if args.lm else _sae_config(args)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """Print what a run needs per device on --devices devices of a kind (`saejax.train.plan`):
+    memory, whether it fits, step time, the activation rate it eats, checkpoint size."""
+    from saejax.config import load_config
+    from saejax.train.plan import format_plan, plan, plan_json
+
+    cfg = load_config(args.config, args.overrides)
+    p = plan(cfg, devices=args.devices, device_kind=args.device_kind,
+             device_memory_gib=args.device_memory_gib,
+             compile="none" if args.no_compile else "child",
+             memory_fraction=args.memory_fraction, storage_gb_s=args.storage_gb_s,
+             lm_params=args.lm_params)
+    print(plan_json(p) if args.json else format_plan(p))
     return 0
 
 
@@ -223,10 +254,20 @@ def _lm_fields_help() -> str:
 
 
 def cmd_export(args) -> int:
+    """One SAE, a sweep member (RUN:member or --member), or every member of a sweep into
+    OUT/<member>/."""
     from saejax.export import export_run
+    from saejax.runs import members
 
-    out = export_run(args.run_dir, args.out_dir, overwrite=args.overwrite)
-    print(f"wrote SAELens-format SAE to {out}")
+    from saejax.sweep import split_member
+
+    run = f"{args.run_dir}:{args.member}" if args.member else args.run_dir
+    whole_sweep = split_member(run)[1] is None
+    for spec in members(run):
+        member = split_member(spec)[1]
+        out = Path(args.out_dir) / member if member and whole_sweep else Path(args.out_dir)
+        out = export_run(spec, out, overwrite=args.overwrite)
+        print(f"wrote SAELens-format SAE to {out}")
     return 0
 
 
@@ -273,9 +314,17 @@ def _contexts(args, saes: list[str], fallback: str) -> str:
     return contexts
 
 
+def _expand(specs: list[str]) -> list[str]:
+    """SAE arguments with each sweep run replaced by its members (RUN:member)."""
+    from saejax.runs import members
+
+    return [m for spec in specs for m in members(spec)]
+
+
 def cmd_eval(args) -> int:
     from saejax.eval.run import evaluate, format_table
 
+    args.saes = _expand(args.saes)
     results = evaluate(args.saes, args.tokens, contexts=_contexts(args, args.saes, "-2000:"),
                        batch_contexts=args.batch_contexts, lm_path=args.lm, out_dir=args.out)
     print(format_table(results))
@@ -323,6 +372,43 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def _report_rows(args) -> list[dict]:
+    """The report rows of the runs named (with --tokens: evaluated through the LM first)."""
+    from saejax.analysis.sweep_rows import run_rows
+
+    evaluated = None
+    if args.tokens:
+        from saejax.eval.run import evaluate
+
+        saes = _expand(args.runs)
+        evaluated = evaluate(saes, args.tokens, contexts=_contexts(args, saes, "-2000:"),
+                             batch_contexts=args.batch_contexts, lm_path=args.lm)
+    return run_rows(args.runs, evaluated)
+
+
+def cmd_report(args) -> int:
+    """Sweep table (CSV, markdown) and figures: frontier with Pareto members, size, density."""
+    from saejax.analysis.report import write_report
+
+    result = write_report(_report_rows(args), args.out)
+    print(f"wrote {result['markdown']} and {len(result['figures'])} figures to {args.out}")
+    print("Pareto (L0-FVU): " + ", ".join(result["pareto"]))
+    for name, why in result["skipped"].items():
+        print(f"skipped {name}: {why}")
+    return 0
+
+
+def cmd_scaling(args) -> int:
+    """Power-law fits of loss against dictionary size (and tokens, compute) with intervals."""
+    from saejax.analysis.scaling import scaling_report
+
+    irreducible = {"auto": "auto", "yes": True, "no": False}[args.irreducible]
+    result = scaling_report(_report_rows(args), args.out, metric_name=args.metric,
+                            irreducible=irreducible, n_boot=args.bootstrap, seed=args.seed)
+    print(Path(result["markdown"]).read_text())
+    return 0
+
+
 def cmd_browse(args) -> int:
     from saejax.browse import write_site
 
@@ -335,7 +421,7 @@ def cmd_compare(args) -> int:
     from saejax.analysis.compare import compare, format_summary
 
     labels = json.loads(Path(args.labels).read_text(encoding="utf-8")) if args.labels else None
-    result = compare(args.saes, args.tokens, args.out, contexts=args.contexts,
+    result = compare(_expand(args.saes), args.tokens, args.out, contexts=args.contexts,
                      batch_contexts=args.batch_contexts, neurons=args.neurons,
                      threshold=args.threshold, labels=labels, min_fires=args.min_fires)
     print(format_summary(result))
@@ -366,7 +452,9 @@ def _kind(e: BaseException) -> tuple[str, int] | None:
         if isinstance(e, cls):
             return kind, code
     # Best effort: a peer that died surfaces in the others as a jax runtime error.
-    if os.environ.get("SAEJAX_COORDINATOR") and type(e).__module__.startswith(("jax", "jaxlib")):
+    jax = sys.modules.get("jax")
+    if (jax is not None and jax.process_count() > 1
+            and type(e).__module__.startswith(("jax", "jaxlib"))):
         return ("multi-process run failed, a peer process may have stopped (rerun the same "
                 "command on every host to resume)"), 1
     return None
@@ -437,8 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _add(sub, "train", cmd_train, "train an SAE (no arguments: the embedded synthetic "
-             "default); run it again to resume", _sae_fields_help)
+             "default), or a sweep of SAEs in one run (--sweep); run it again to resume",
+             _sae_fields_help)
     _config_arguments(p, "sae.n_features=4096")
+    p.add_argument("--sweep", action="append", metavar="field=[v1,v2,...]",
+                   help="train one SAE per value (repeatable: the lists are crossed), all in "
+                        "one run on the same batches; members are named by the values, e.g. "
+                        "l1_coefficient=2e-3,seed=1 (see saejax/sweep.py)")
 
     p = _add(sub, "train-lm", cmd_train_lm, "train a small LM (default: the paper's one-layer "
              "model) on a token dataset; saves run_dir/hf", _lm_fields_help)
@@ -453,9 +546,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="field=value",
                    help="dotted overrides, as train takes them")
 
+    p = _add(sub, "plan", cmd_plan, "per-device memory, fit, step time and activation rate of "
+             "a `saejax train` config on N devices of a kind, without them (the step is "
+             "compiled for N fake CPU devices in a child process)")
+    p.add_argument("--devices", type=int, required=True, metavar="N",
+                   help="number of devices; the mesh is the config's mesh.data x mesh.model")
+    p.add_argument("--device-kind", default="h100", metavar="KIND",
+                   help="h100 (SXM, 80 GB) or h200: measured rates, memory, interconnect")
+    p.add_argument("--device-memory-gib", type=float, default=None, metavar="GIB",
+                   help="memory of one device (default: the kind's)")
+    p.add_argument("--memory-fraction", type=float, default=0.75, metavar="F",
+                   help="fraction of the memory JAX may use (XLA_PYTHON_CLIENT_MEM_FRACTION; "
+                        "JAX's default on GPUs: 0.75)")
+    p.add_argument("--storage-gb-s", type=float, default=2.0, metavar="GB_S",
+                   help="checkpoint write bandwidth per host, GB/s (assumed)")
+    p.add_argument("--lm-params", type=float, default=0.0, metavar="N",
+                   help="parameters of the LM that produces the activations (e.g. 7e9): the "
+                        "FLOP/s its forward needs to keep up")
+    p.add_argument("--no-compile", action="store_true",
+                   help="the analytic memory model only (saejax.train.memory), no compiling")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--config", metavar="FILE", help="YAML config file, as train takes it")
+    p.add_argument("overrides", nargs="*", metavar="field=value",
+                   help="dotted overrides, as train takes them (e.g. mesh.model=64)")
+
     p = _add(sub, "export", cmd_export, "write a run's newest SAE in SAELens's on-disk format")
-    p.add_argument("run_dir", help="SAE run directory (saejax train's train.run_dir)")
+    p.add_argument("run_dir", help="SAE run directory (saejax train's train.run_dir); a sweep's "
+                                   "exports every member to OUT_DIR/<member>/, RUN:member one")
     p.add_argument("out_dir", help="folder to write sae_weights.safetensors and cfg.json to")
+    p.add_argument("--member", help="a sweep's member to export (into OUT_DIR itself)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace out_dir when it is not empty (swapped in whole when written)")
 
@@ -513,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "{fallback}")
     p = _add(sub, "eval", cmd_eval, "splice SAEs into their LM on held-out contexts: loss "
              "recovered, KL, L0, FVU, dead/ultralow/dense, density PNGs")
-    p.add_argument("saes", nargs="+", help="SAE run directories or SAELens folders")
+    p.add_argument("saes", nargs="+", help="SAE run directories (a sweep's: every member, or "
+                                           "RUN:member) or SAELens folders")
     p.add_argument("--tokens", required=True, help="token dataset directory")
     p.add_argument("--contexts", default=None, help=held_out.format(fallback="the last 2,000"))
     p.add_argument("--batch-contexts", type=int, default=32,
@@ -523,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "analyze", cmd_analyze, "per-feature top contexts, samples, histograms and "
              "logit effects (an analysis directory for `saejax browse`)")
-    p.add_argument("sae", help="SAE run directory or SAELens folder")
+    p.add_argument("sae", help="SAE run directory (RUN:member for a sweep's) or SAELens folder")
     p.add_argument("--tokens", required=True, help="token dataset directory")
     p.add_argument("--out", required=True, help="analysis directory to write")
     p.add_argument("--contexts", default=None, help=held_out.format(fallback="0:2000"))
@@ -546,6 +666,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the autointerp feature sample and its examples")
 
+    for name, func, what in (
+            ("report", cmd_report, "a sweep's table (CSV, markdown) and figures: the L0-FVU "
+             "(and L0-loss-recovered) frontier with Pareto members, loss against dictionary "
+             "size, every member's density histogram"),
+            ("scaling", cmd_scaling, "fit power laws of reconstruction loss against dictionary "
+             "size (and training tokens, compute) across sweep members, with bootstrap "
+             "intervals, beside the published exponents")):
+        p = _add(sub, name, func, what)
+        p.add_argument("runs", nargs="+", help="SAE run directories (a sweep's: all members)")
+        p.add_argument("--out", required=True, help="directory to write the report to")
+        p.add_argument("--tokens", help="token dataset: evaluate every member through the LM "
+                                        "first (loss recovered, KL on held-out text)")
+        p.add_argument("--contexts", default=None, help=held_out.format(fallback="the last 2,000"))
+        p.add_argument("--batch-contexts", type=int, default=32,
+                       help="contexts per LM forward call (its memory)")
+        p.add_argument("--lm", help="LM directory (default: the one the runs record)")
+    p.add_argument("--metric", default="fvu", help="the loss fitted: fvu (normalised MSE) or mse")
+    p.add_argument("--irreducible", default="auto", choices=["auto", "yes", "no"],
+                   help="fit an irreducible loss term: when the data supports it, always, never")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+
     p = _add(sub, "browse", cmd_browse, "write a static feature-browser site (opens from "
              "file://) for an analysis directory")
     p.add_argument("analysis_dir", help="directory written by saejax analyze")
@@ -554,8 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "compare", cmd_compare, "match features between SAEs (cross-seed / cross-model "
              "universality) and build the splitting tree across sizes")
-    p.add_argument("saes", nargs="+", help="2+ SAE run directories or SAELens folders; 3+ in "
-                                           "increasing size give the family tree")
+    p.add_argument("saes", nargs="+", help="2+ SAE run directories (a sweep's: every member, or "
+                                           "RUN:member) or SAELens folders; 3+ in increasing "
+                                           "size give the family tree")
     p.add_argument("--tokens", required=True, help="token dataset directory")
     p.add_argument("--out", required=True, help="directory for compare.json, splitting.json/png")
     p.add_argument("--contexts", default="0:2000", help="START:STOP context ids")
