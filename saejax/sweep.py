@@ -11,9 +11,10 @@ or in the YAML file
 
 Every member is the base config with its overrides, named by the values as written
 (`l1_coefficient=2e-3,seed=1`). Members whose configs differ only in `DATA_FIELDS` (and their
-family's `Family.data_fields`) form one *group*: one compiled step vmapped over a leading member
-axis, their differences carried as arrays in the state. Fields that change shapes or the
-compiled program (n_features, arch, k, dtype, the LR schedule's shape) split groups; all groups
+family's `Family.data_fields`, and its `bound_fields` such as TopK's k, compiled at the group's
+largest value and masked below it) form one *group*: one compiled step vmapped over a leading
+member axis, their differences carried as arrays in the state. Fields that change shapes or the
+compiled program (n_features, arch, dtype, the LR schedule's shape) split groups; all groups
 step on the same batch in one loop. Fields of the shared stream and loop (`SHARED_PREFIXES`)
 cannot vary. Every member is validated before any compute, errors naming the member.
 """
@@ -72,9 +73,19 @@ class Group:
 
     @property
     def cfg(self) -> Config:
-        """The config its step is compiled for (the first member's: the others differ only in
-        fields carried as data)."""
-        return self.members[0].cfg
+        """The config its step is compiled for: the first member's (the others differ only in
+        fields carried as data), with each of its family's `bound_fields` at the members'
+        largest value."""
+        first = self.members[0].cfg
+        tree = config_lib.to_dict(first)
+        for name in get_family(first.sae.arch).bound_fields:
+            *path, last = f"sae.{name}".split(".")
+            node = tree
+            for part in path:
+                node = node[part]
+            node[last] = max(flatten(config_lib.to_dict(m.cfg))[f"sae.{name}"]
+                             for m in self.members)
+        return from_dict(Config, tree)
 
 
 @dataclass(frozen=True)
@@ -177,9 +188,11 @@ def data_fields(cfg: Config) -> frozenset[str]:
 
 
 def group_key(cfg: Config) -> str:
-    """Members with equal keys share a compiled step: the config without its data fields."""
+    """Members with equal keys share a compiled step: the config without its data fields and
+    bound fields."""
     flat = flatten(config_lib.to_dict(cfg))
-    keep = {k: v for k, v in flat.items() if k not in data_fields(cfg)}
+    bound = {f"sae.{f}" for f in get_family(cfg.sae.arch).bound_fields}
+    keep = {k: v for k, v in flat.items() if k not in data_fields(cfg) | bound}
     return json.dumps(keep, sort_keys=True, default=str)
 
 

@@ -13,15 +13,18 @@ register(Family("relu", relu.ReluSAE, hparams=relu.hparams, resample=resample_st
                 data_fields=relu.DATA_FIELDS))
 register(Family("topk", topk.TopKSAE, hparams=topk.hparams, saelens_architecture="topk",
                 saelens_options=topk.saelens_options, from_saelens=topk.from_saelens,
-                check=topk.check, data_fields=topk.DATA_FIELDS))
+                check=topk.check, data_fields=topk.DATA_FIELDS,
+                bound_fields=topk.BOUND_FIELDS))
 register(Family("batchtopk", batchtopk.BatchTopKSAE, hparams=batchtopk.hparams,
                 init_state=batchtopk.init_state, saelens_architecture="jumprelu",
                 sections=("topk",), check=batchtopk.check, inference=batchtopk.inference,
-                data_fields=batchtopk.DATA_FIELDS))
+                data_fields=batchtopk.DATA_FIELDS,
+                bound_fields=topk.BOUND_FIELDS))
 register(Family("matryoshka", matryoshka.MatryoshkaSAE, hparams=batchtopk.hparams,
                 init_state=batchtopk.init_state, saelens_architecture="jumprelu",
                 sections=("topk", "batchtopk"), check=matryoshka.check,
-                inference=batchtopk.inference, data_fields=batchtopk.DATA_FIELDS))
+                inference=batchtopk.inference, data_fields=batchtopk.DATA_FIELDS,
+                bound_fields=topk.BOUND_FIELDS))
 register(Family("jumprelu", jumprelu.JumpReLUSAE, hparams=jumprelu.hparams,
                 init_state=jumprelu.init_state, saelens_architecture="jumprelu",
                 saelens_options=jumprelu.saelens_options, from_saelens=jumprelu.from_saelens,

@@ -146,7 +146,7 @@ def batch_top_k_mask(a: jax.Array, n: int | jax.Array) -> jax.Array:
     return lax.cond((tau > 0) & (_count(keep) > n), first_of_ties, lambda keep: keep, keep)
 
 
-def keep_batch_top_k(a: jax.Array, k: int) -> jax.Array:
+def keep_batch_top_k(a: jax.Array, k: int | jax.Array) -> jax.Array:
     """BatchTopK: a [B, F] (≥ 0) on its B·k largest entries, 0 elsewhere; gradients flow to the
     entries kept."""
     return jnp.where(batch_top_k_mask(a, a.shape[0] * k), a, 0.0)
@@ -164,10 +164,12 @@ class BatchTopKSAE(TopKSAE):
     """TopK's parameters, init (W_enc = W_decᵀ, unit-norm decoder rows), k, k_aux and AuxK;
     the selection is over the batch. Subclasses change `errors` (what is reconstructed)."""
 
-    def activations(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(ReLU'd pre-activations a, BatchTopK codes f) of the batch x."""
+    def activations(self, x: jax.Array, k: int | jax.Array | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
+        """(ReLU'd pre-activations a, BatchTopK codes f) of the batch x; k (may be traced: a
+        sweep member's) defaults to the configured one."""
         a = jax.nn.relu(self.pre_activations(x))
-        return a, keep_batch_top_k(a, self.k)
+        return a, keep_batch_top_k(a, self.k if k is None else k)
 
     def encode(self, x: jax.Array) -> jax.Array:
         """The training rule (over the batch x). Trained SAEs are evaluated as their JumpReLU
@@ -180,7 +182,7 @@ class BatchTopKSAE(TopKSAE):
         return jnp.square(x_hat - x).mean(axis=-1), x_hat
 
     def loss(self, x: jax.Array, ctx: LossContext) -> tuple[jax.Array, dict]:
-        a, f = self.activations(x)
+        a, f = self.activations(x, self.k_now(ctx))
         per_input, x_hat = self.errors(x, f)
         metrics = reconstruction_metrics(x, x_hat, self.fired(f))
         aux = self.aux_loss(a, x - lax.stop_gradient(x_hat), self.dead(ctx, x.shape[0]))

@@ -87,6 +87,10 @@ class Family:
     representation differ (e.g. log θ -> threshold)."""
     from_saelens_tensors: Callable[[dict], dict] = lambda tensors: tensors
     """The inverse of `to_saelens`: parameters from a SAELens folder's tensors."""
+    bound_fields: tuple[str, ...] = ()
+    """Fields carried as data up to the value the step is compiled for (e.g. TopK's k: the
+    step keeps the k_max largest and masks the ranks beyond each member's k); a sweep group
+    compiles for their largest values."""
     data_fields: tuple[str, ...] = ()
     """Fields of its sections (`section.field`) that reach the train step only as `hparams` or
     initial values, not as compiled constants: a sweep varies them inside one compiled step

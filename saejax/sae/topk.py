@@ -6,7 +6,9 @@
 
 b_pre is stored as b_dec (SAELens layout). W_enc starts as W_decᵀ and decoder rows stay unit norm.
 A latent is dead for AuxK when it has not fired in `dead_tokens_aux` tokens (α and the window
-arrive as data, `hparams`; k and k_aux are shapes).
+arrive as data, `hparams`; k_aux is a shape; k is compiled as a bound, the step keeping the
+k_max = `sae.topk.k` largest and masking ranks ≥ the k in `hparams`, so a sweep varies k in one
+step: `Family.bound_fields`).
 
 The training loss has two paths with the same values and gradients (`sae.topk.path`): dense
 ([B,F] codes, dense products, as written above) and sparse (`saejax.sae.topk_sparse`: codes as
@@ -44,9 +46,14 @@ DATA_FIELDS = ("topk.aux_coefficient", "topk.dead_tokens_aux")
 """`Family.data_fields`: AuxK's weight and window are `hparams` (k and k_aux are shapes)."""
 
 
+BOUND_FIELDS = ("topk.k",)
+"""`Family.bound_fields`: k is data up to the k the step is compiled for."""
+
+
 def hparams(cfg: SAEConfig, steps: int, batch_size: int) -> dict[str, float]:
     window = cfg.topk.dead_tokens_aux or min(AUX_WINDOW_TOKENS, steps * batch_size // 10)
-    return {"aux_coefficient": cfg.topk.aux_coefficient, "dead_tokens_aux": float(window)}
+    return {"aux_coefficient": cfg.topk.aux_coefficient, "dead_tokens_aux": float(window),
+            "k": float(cfg.topk.k)}
 
 
 def check(cfg: SAEConfig) -> None:
@@ -81,11 +88,21 @@ def from_saelens(cfg_json: dict) -> dict:
     return {"topk": {"k": int(cfg_json["k"])}}
 
 
-def keep_top_k(pre: jax.Array, k: int) -> jax.Array:
-    """Zero all but the k largest entries of each row, then ReLU the kept ones."""
+def keep_top_k(pre: jax.Array, k: int, k_now: jax.Array | None = None) -> jax.Array:
+    """Zero all but the k largest entries of each row, then ReLU the kept ones; `k_now` (≤ k,
+    may be traced): keep only the first k_now of them."""
     values, idx = topk_sparse.top_k(pre, k, topk_sparse.platform_chunk())
     rows = jnp.arange(pre.shape[0])[:, None]
-    return jnp.zeros_like(pre).at[rows, idx].set(jax.nn.relu(values))
+    return jnp.zeros_like(pre).at[rows, idx].set(within(jax.nn.relu(values), k_now))
+
+
+def within(values: jax.Array, k_now: jax.Array | None) -> jax.Array:
+    """values [B, k] of ranks 0..k-1 with ranks ≥ k_now zeroed (a sweep member's k below the
+    k the step was compiled for); unchanged for k_now None."""
+    if k_now is None:
+        return values
+    keep = jnp.arange(values.shape[-1]) < k_now
+    return jnp.where(keep, values, jnp.zeros_like(values))
 
 
 class TopKSAE(SAE):
@@ -97,11 +114,16 @@ class TopKSAE(SAE):
     def encode(self, x: jax.Array) -> jax.Array:
         return keep_top_k(self.pre_activations(x), self.k)
 
+    @staticmethod
+    def k_now(ctx: LossContext) -> jax.Array | None:
+        """The k of this step's member (`hparams`), at most the compiled `self.k`."""
+        return jnp.round(ctx.hparams["k"]).astype(jnp.int32) if "k" in ctx.hparams else None
+
     def loss(self, x: jax.Array, ctx: LossContext) -> tuple[jax.Array, dict]:
         if self.sparse:
             return self.sparse_loss(x, ctx)
         pre = self.pre_activations(x)
-        f = keep_top_k(pre, self.k)
+        f = keep_top_k(pre, self.k, self.k_now(ctx))
         x_hat = self.decode(f)
         metrics = reconstruction_metrics(x, x_hat, self.fired(f))
         aux = self.aux_loss(pre, x - jax.lax.stop_gradient(x_hat), self.dead(ctx, x.shape[0]))
@@ -140,7 +162,7 @@ class TopKSAE(SAE):
         selected = topk_sparse.select(x, self.b_dec[...], self.W_enc[...], self.b_enc[...],
                                       ks, masks, self.dtype)
         values, idx = selected[0]
-        z = jax.nn.relu(values)
+        z = within(jax.nn.relu(values), self.k_now(ctx))
         x_hat = topk_sparse.decode(z, idx, self.W_dec[...]) + self.b_dec[...]
         fired = z > 0  # [B,k]: its row sums are the L0, as a [B,F] mask's
         metrics = reconstruction_metrics(x, x_hat, fired)
