@@ -225,7 +225,7 @@ def train(cfg: Config, *, quiet: bool = False, sweep: Sweep | None = None) -> di
 
             state = runner.loop(state, group.step, data.batches(start, t.steps), start, t.steps,
                                 on_step)
-            summaries = group.summaries(state, data, mesh)
+            summaries = group.summaries(state, data, mesh, cfg)
             for name, summary in summaries.items():
                 log.write({"step": t.steps, "event": "summary",
                            **({"member": name} if name else {}), **summary})
@@ -315,17 +315,18 @@ class Groups:
                                 **log_record(done, mi, last_fired[i], fire_count[i], cfg)})
         return records
 
-    def summaries(self, state, data, mesh) -> dict:
-        """{member name (None for a single SAE): held-out summary}."""
+    def summaries(self, state, data, mesh, cfg: Config) -> dict:
+        """{member name (None for a single SAE): held-out summary}, all on one sample."""
+        x = sample_rows(data, EVAL_ROWS, 10_000_019 + cfg.data.seed, mesh)
         out = {}
         for part, s in zip(self.parts, self.unpack(state)):
             if not part.names:
-                out[None] = summarize(part.contract.cfg, part.contract, s, data, mesh)
+                out[None] = summarize(part.contract.cfg, part.contract, s, data, x)
                 continue
             bad = to_host(s.nonfinite_step)
-            for i, (name, cfg) in enumerate(zip(part.names, part.cfgs)):
-                summary = summarize(cfg, part.contract, part.contract.member_state(s, i), data,
-                                    mesh)
+            for i, (name, member) in enumerate(zip(part.names, part.cfgs)):
+                summary = summarize(member, part.contract, part.contract.member_state(s, i),
+                                    data, x)
                 if bad[i] >= 0:
                     summary["frozen_at"] = int(bad[i]) + 1
                 out[name] = summary
@@ -337,10 +338,9 @@ def warn(text: str) -> None:
         print(f"saejax: {text}", file=sys.stderr, flush=True)
 
 
-def summarize(cfg: Config, contract: StepContract, state, data, mesh) -> dict:
-    """Held-out MSE/FVU/L0, dead fraction over the metrics window, and the data's ground-truth
-    metrics (MMCS for synthetic data)."""
-    x = sample_rows(data, EVAL_ROWS, 10_000_019 + cfg.data.seed, mesh)
+def summarize(cfg: Config, contract: StepContract, state, data, x: jax.Array) -> dict:
+    """Held-out MSE/FVU/L0 on the sample x, dead fraction over the metrics window, and the
+    data's ground-truth metrics (MMCS for synthetic data)."""
     sae_cfg, params = get_family(cfg.sae.arch).for_inference(cfg.sae, state.params,
                                                              state.family_state)
     graphdef = (contract.graphdef if sae_cfg is cfg.sae

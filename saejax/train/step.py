@@ -27,8 +27,12 @@ from saejax.train.state import (TrainState, init_state, loss_context, lr_at, mak
 
 
 def train_step(state: TrainState, batch: jax.Array, *, graphdef, cfg: Config,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """One optimizer step on a global batch [B, d_in] of raw activations."""
+               tx: optax.GradientTransformation, freeze: bool = False) -> tuple[TrainState, dict]:
+    """One optimizer step on a global batch [B, d_in] of raw activations.
+
+    freeze (a sweep member's step): once a loss or gradient is NaN/Inf, the step leaves the
+    parameters as they were (zero gradients, zero LR: no select over the state, so the update
+    fuses as before), the family state too, and the member is frozen from then on."""
     x = batch * state.input_scale
     ctx = loss_context(state)
 
@@ -39,6 +43,14 @@ def train_step(state: TrainState, batch: jax.Array, *, graphdef, cfg: Config,
     sae: SAE = nnx.merge(graphdef, state.params)
     grads = sae.prepare_grads(state.params, grads)
     lr = lr_at(cfg, state.hparams["lr"], state.step)
+    finite = jnp.isfinite(loss)
+    if freeze:
+        finite &= jnp.isfinite(optax.tree.norm(grads))
+        stopped = (state.nonfinite_step >= 0) | ~finite
+        grads = jax.tree.map(lambda g: jnp.where(stopped, jnp.zeros_like(g), g), grads)
+        lr = jnp.where(stopped, 0.0, lr)
+        aux["state"] = jax.tree.map(lambda old, new: jnp.where(stopped, old, new),
+                                    state.family_state, aux.get("state", state.family_state))
     opt_state = optax.tree.set(state.opt_state, learning_rate=lr)
     updates, opt_state = tx.update(grads, opt_state, state.params)
     params = sae.constrain(optax.apply_updates(state.params, updates))
@@ -46,7 +58,7 @@ def train_step(state: TrainState, batch: jax.Array, *, graphdef, cfg: Config,
     step = state.step + 1
     fired = aux.pop("fired")
     window_start = state.step % cfg.train.log_every == 0
-    bad = (state.nonfinite_step < 0) & ~jnp.isfinite(loss)
+    bad = (state.nonfinite_step < 0) & ~finite
     new_state = state.replace(
         step=step,
         params=params,
@@ -75,9 +87,8 @@ def under_mesh(mesh: Mesh, fn: Callable) -> Callable:
 
 
 def keep_stopped(old: TrainState, new: TrainState) -> TrainState:
-    """A sweep member whose loss went NaN/Inf is frozen: from that step on it keeps its last
-    good state (only the step count and the record of the bad step move), so the others go on
-    and every checkpoint stays finite."""
+    """A frozen sweep member (its loss went NaN/Inf: `train_step`'s freeze) keeps its state
+    through a resampling event (only the step count and the record of the bad step move)."""
     stopped = (old.nonfinite_step >= 0) | (new.nonfinite_step >= 0)  # [M]
 
     def pick(o, n):
@@ -90,7 +101,7 @@ def keep_stopped(old: TrainState, new: TrainState) -> TrainState:
 def for_members(fn: Callable, shared: tuple[int, ...] = (), freeze: bool = False) -> Callable:
     """fn over a leading member axis of its state arguments (`jax.vmap`, members spread over
     the mesh axis of `member`); the arguments at positions `shared` (batches, inputs) are the
-    same for every member. `freeze`: fn returns (state, ...) and stopped members keep theirs."""
+    same for every member. `freeze`: fn returns (state, ...) and frozen members keep theirs."""
     def batched(*args):
         axes = tuple(None if i in shared else 0 for i in range(len(args)))
         out = jax.vmap(fn, in_axes=axes, spmd_axis_name=sharding.LOGICAL_RULES["member"])(*args)
@@ -117,7 +128,7 @@ class StepContract:
     A sweep group's contract (`members`: its members' configs) computes the same functions for
     all members at once: every state leaf, draw, metric and count has a leading member axis
     (sharded over the mesh axis of `member`), batches and inputs are shared, and a member whose
-    loss went NaN/Inf is frozen (`keep_stopped`).
+    loss went NaN/Inf is frozen (`train_step`'s freeze, `keep_stopped`).
     """
 
     cfg: Config
@@ -150,10 +161,10 @@ class StepContract:
 
         per = sharding.over_members if members else (lambda tree: tree)
         state_sh, draws_sh, out = per(state_sh), per(draws_sh), per(rep)
-        step = partial(train_step, graphdef=graphdef, cfg=cfg, tx=tx)
+        step = partial(train_step, graphdef=graphdef, cfg=cfg, tx=tx, freeze=bool(members))
         return cls(
             cfg, mesh, graphdef, tx, state_sh, batch_sh,
-            step_fn=jax.jit(under_mesh(mesh, each(step, shared=(1,), freeze=True)),
+            step_fn=jax.jit(under_mesh(mesh, each(step, shared=(1,))),
                             in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, out),
                             donate_argnums=(0,)),
             dead_count_fn=jax.jit(each(lambda s: resample_lib.dead_mask(s).sum()),
