@@ -3,7 +3,8 @@ report, scaling, plan, config.
 
 A user's mistake never ends in a traceback: every saejax error, and the OSError/ValueError a bad
 path or value raises, is printed as one line `saejax: <kind>: <message>` (exit 2; 3 when a
-loss became NaN/Inf, 4 when no checkpoint restores, 130 on Ctrl-C). Commands check what they
+loss became NaN/Inf, 4 when no checkpoint restores, 75 when a preemption notice (SIGTERM) stopped
+a trainer after a checkpoint every process agreed on, 130 on Ctrl-C). Commands check what they
 can before they write anything; the trainers record absolute data paths, so a run directory
 does not depend on the directory the command ran in.
 """
@@ -440,10 +441,12 @@ def _one_line(e: BaseException) -> str:
 def _kind(e: BaseException) -> tuple[str, int] | None:
     """(kind, exit code) of an exception the CLI reports as one line; None for an internal error
     (which keeps its traceback)."""
-    from saejax.errors import (CheckpointError, ConfigError, NonFiniteLossError, SaejaxError,
-                               StorageError)
+    from saejax.errors import (CheckpointError, ConfigError, NonFiniteLossError, Preempted,
+                               SaejaxError, StorageError)
 
-    table = [(NonFiniteLossError, "training stopped", 3), (CheckpointError, "checkpoint error", 4),
+    # 75: EX_TEMPFAIL of sysexits.h ("try again later"), for a scheduler's requeue rule.
+    table = [(Preempted, "preempted", 75),
+             (NonFiniteLossError, "training stopped", 3), (CheckpointError, "checkpoint error", 4),
              (ConfigError, "config error", 2), (yaml.YAMLError, "config error", 2),
              (StorageError, "storage error", 2),
              (SaejaxError, "error", 2), (OSError, "file error", 2), (ValueError, "error", 2),

@@ -25,6 +25,11 @@ class NonFiniteLossError(SaejaxError, RuntimeError):
     """The loss became NaN/Inf; the run stopped without saving the bad state."""
 
 
+class Preempted(SaejaxError, RuntimeError):
+    """A preemption notice (SIGTERM) stopped the run: every process saved a checkpoint at the
+    same step; rerunning the same command resumes from it. The CLI exits 75 (EX_TEMPFAIL)."""
+
+
 class StorageError(SaejaxError, RuntimeError):
     """Reading or writing a run directory failed (it is a file or sits under one, the disk is
     read-only or full, ...). The message names the path and the OS error and, when the run has

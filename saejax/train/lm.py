@@ -480,7 +480,8 @@ def train_lm(cfg: LMTrainConfig, *, stop_at: int | None = None, quiet: bool = Fa
     def val_loss(params) -> float | None:
         return _val_loss(eval_fn, params, dataset, n_train, t.batch_size, mesh) if n_val else None
 
-    with Runner(run_dir, keep=t.keep_checkpoints, async_save=t.async_checkpointing) as runner:
+    with Runner(run_dir, keep=t.keep_checkpoints, async_save=t.async_checkpointing,
+                meta=meta) as runner:
         restored = runner.restore(contract.abstract_state())
         if restored is not None:
             start, state, saved = restored

@@ -184,7 +184,8 @@ def train(cfg: Config, *, quiet: bool = False, sweep: Sweep | None = None) -> di
     meta = {"config": config_lib.to_dict(cfg), **({"sweep": sweep.to_dict()} if sweep else {})}
     group = Groups(parts, [c[0] for c in compiled])
 
-    with Runner(run_dir, keep=t.keep_checkpoints, async_save=t.async_checkpointing) as runner:
+    with Runner(run_dir, keep=t.keep_checkpoints, async_save=t.async_checkpointing,
+                meta=meta) as runner:
         restored = runner.restore(group.pack([p.contract.abstract_state() for p in parts]))
         start, state = ((restored[0], restored[1]) if restored is not None else
                         (0, group.pack([init_from_data(p.contract, data, cfg, mesh)

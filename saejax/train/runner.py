@@ -7,7 +7,9 @@ compiles its step ahead of time and logs the compiler's memory analysis before s
 steps a bounded number ahead (`Runner.loop`), reads metrics back on log steps only
 (`read_back`, which stops a run whose loss became NaN/Inf), refuses to checkpoint a NaN/Inf state
 (`Runner.save`) and writes metrics.jsonl (`MetricsFile`). The data position is a pure function
-of the step, so the checkpointed state is all a resumed run needs.
+of the step, so the checkpointed state is all a resumed run needs. A preemption notice (SIGTERM)
+makes every process of the run stop at one agreed step, checkpointed (`Preemption`); the same
+command resumes from it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import collections
 import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,11 +27,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from saejax import config as config_lib
 from saejax.atomic import write_text_atomic
 from saejax.checkpoint import Checkpointer
-from saejax.errors import NonFiniteLossError, SaejaxError, StorageError, os_fault, resume_hint
+from saejax.errors import (NonFiniteLossError, Preempted, SaejaxError, StorageError, os_fault,
+                           resume_hint)
 from saejax.typedconfig import read_yaml
 from saejax.sharding import to_host
 
@@ -141,17 +147,91 @@ def all_finite(tree) -> bool:
     return bool(to_host(_all_finite(tree)))
 
 
+# ---------------------------------------------------------------- preemption
+
+AGREE_EVERY = 10
+"""Steps between the agreements of a multi-process run without JAX's preemption service (an
+all-gather of every process's SIGTERM flag: one host sync, which drains the MAX_STEPS_IN_FLIGHT
+queue once). A notice stops the run at most AGREE_EVERY + MAX_STEPS_IN_FLIGHT steps later: about
+1.4 s at the 107 ms step of docs/scaling.md's 16M-feature plan, well inside a typical 30 s
+notice; the rest of it is for the save."""
+
+
+def _jax_preemption_sync() -> bool:
+    """Whether jax.distributed started JAX's preemption sync manager (it does by default, with
+    `jax_enable_preemption_service`). Its C++ SIGTERM handler records the notice, tells the
+    coordination service, and every process agrees in the background on the step after the
+    fastest one's (`multihost_utils.reached_preemption_sync_point`)."""
+    from jax._src import distributed  # JAX has no public call for "is it running"
+
+    state = distributed.global_state
+    return state.client is not None and state.preemption_sync_manager is not None
+
+
+class Preemption:
+    """Preemption notices (SIGTERM, what schedulers send before evicting a job, and what JAX
+    listens for on TPU pods) and the step every process of the run stops at. A context manager:
+    inside it, SIGTERM no longer ends the process; `agreed(n)`, called after every step by every
+    process, says when to checkpoint and stop. A SIGTERM before the loop (while restoring) stops
+    the run after its first step; one after its last step lets the run finish.
+
+    - jax.distributed with its preemption service (every multi-process run, by default): JAX's
+      sync point. Nothing is installed here: a Python handler would replace JAX's C++ one. A
+      SIGTERM to any one process reaches all of them; JAX's listener polls for it every second.
+    - One process: a Python handler sets a flag, read after each step (no host sync).
+    - Several processes without the service: the flag, all-gathered every AGREE_EVERY steps.
+    """
+
+    def __init__(self):
+        self.noticed = False
+        self._jax = _jax_preemption_sync()
+        self._processes = jax.process_count()
+        self._previous = None
+
+    def __enter__(self) -> "Preemption":
+        if not self._jax and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+            # None: the previous handler was not set from Python; the default is what it was.
+            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.noticed = True  # no I/O here: the loop acts on it after the step it is in
+
+    def agreed(self, n: int) -> bool:
+        """Whether every process stops now, after the n-th step of the loop (n = 1, 2, ...; every
+        process must call it after every step). JAX counts from 0 when no call was made yet, so
+        a notice that came before the loop agrees on n = 1."""
+        if self._jax:
+            return multihost_utils.reached_preemption_sync_point(n)
+        if self._processes == 1:
+            return self.noticed
+        if n % AGREE_EVERY:
+            return False
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.noticed))))
+
+
 # ---------------------------------------------------------------- checkpoints and the loop
 
 
 class Runner:
     """A run's checkpoints (`Checkpointer` under run_dir/checkpoints) and its step loop. A context
-    manager: leaving it waits for pending saves and closes the checkpointer."""
+    manager: leaving it waits for pending saves and closes the checkpointer.
 
-    def __init__(self, run_dir: Path, *, keep: int, async_save: bool):
+    meta: what the trainer's checkpoints carry (`save`'s meta). Given it, the runner handles
+    preemption while it is entered: on an agreed notice (`Preemption`) the loop checkpoints the
+    step every process has reached, with this meta, and raises Preempted."""
+
+    def __init__(self, run_dir: Path, *, keep: int, async_save: bool, meta: dict | None = None):
         self.ckpt_dir = run_dir / "checkpoints"
         with storage_errors(run_dir):
             self.ckpt = Checkpointer(self.ckpt_dir, keep=keep, async_save=async_save)
+        self.meta = meta
+        self.preemption = Preemption() if meta is not None else None
+        self._saved_step: int | None = None
 
     def restore(self, abstract_state) -> tuple[int, Any, dict] | None:
         """(step, state, meta) of the newest good checkpoint, laid out as `abstract_state`."""
@@ -169,13 +249,15 @@ class Runner:
         if not finite:  # a finite loss whose update overflowed: the next loss is NaN
             raise NonFiniteLossError(f"parameters became NaN/Inf at step {step}")
         self.ckpt.save(step, state, {**meta, "step": step, "data_position": step})
+        self._saved_step = step
 
     def loop(self, state, step_fn, batches, start: int, stop: int,
              on_step: Callable[[int, Any, dict], Any]):
         """Run steps start..stop-1 on `batches` (next/close); after each, `on_step(done, state,
         metrics) -> state` does the trainer's host work (log, resample, evaluate, `save`).
         Returns the final state once every save is committed. A NaN/Inf stops the run naming
-        the last good checkpoint."""
+        the last good checkpoint; an agreed preemption notice saves the step reached (unless
+        on_step just did) and raises Preempted once that save is committed."""
         in_flight: collections.deque = collections.deque()
         try:
             for step in range(start, stop):
@@ -184,6 +266,8 @@ class Runner:
                 if len(in_flight) > MAX_STEPS_IN_FLIGHT:
                     in_flight.popleft().block_until_ready()
                 state = on_step(step + 1, state, metrics)
+                if self.preemption is not None and self.preemption.agreed(step + 1 - start):
+                    self._stop_preempted(step + 1, state)
             self.ckpt.wait()
         except NonFiniteLossError as e:
             self.ckpt.wait()
@@ -195,10 +279,26 @@ class Runner:
             batches.close()
         return state
 
+    def _stop_preempted(self, step: int, state) -> None:
+        """Checkpoint `step` (the post-on_step state, as a periodic save there would hold), wait
+        for it to be committed, raise Preempted."""
+        if self._saved_step != step:
+            self.save(step, state, self.meta)
+        self.ckpt.wait()
+        if jax.process_count() > 1:
+            # Nobody exits before every process (process 0 commits) is done: a launcher that
+            # stops the rest at the first exit (srun --kill-on-bad-exit) cannot cut the save.
+            multihost_utils.sync_global_devices(f"saejax preempted at step {step}")
+        raise Preempted(f"saved step {step} in {self.ckpt_dir}; rerun the same command to resume")
+
     def __enter__(self) -> "Runner":
+        if self.preemption is not None:
+            self.preemption.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self.preemption is not None:
+            self.preemption.__exit__()
         try:
             self.ckpt.wait()
             self.ckpt.close()
