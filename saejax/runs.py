@@ -66,7 +66,7 @@ def read_config(spec: str | Path) -> Config:
     if "sae" not in tree and "model" in tree:
         raise ConfigError(f"{run_dir} is a language-model run (train-lm), not an SAE run")
     base = relocated(from_dict(Config, tree), run_dir)
-    sweep = read_sweep(run_dir, base)
+    sweep = read_sweep(run_dir, base)  # None: a single SAE's run
     if sweep is None:
         if member is not None:
             raise ConfigError(f"{run_dir} is a single SAE's run, not a sweep: no member {member}")
@@ -77,14 +77,19 @@ def read_config(spec: str | Path) -> Config:
     return sweep.member(member).cfg
 
 
+def _sweep(run_dir: Path):
+    """The sweep recorded in a run directory (`saejax.sweep.Sweep`), or None."""
+    base = relocated(from_dict(Config, read_yaml(run_dir / "config.yaml", "the run's config")),
+                     run_dir)
+    return read_sweep(run_dir, base)
+
+
 def members(run_dir: str | Path) -> list[str]:
     """`RUN:member` of every member of a sweep run, or [run_dir] for any other path."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or split_member(run_dir)[1] is not None:
         return [str(run_dir)]
-    base = relocated(from_dict(Config, read_yaml(run_dir / "config.yaml", "the run's config")),
-                     run_dir)
-    sweep = read_sweep(run_dir, base)
+    sweep = _sweep(run_dir)
     return [str(run_dir)] if sweep is None else [f"{run_dir}:{m.name}" for m in sweep.members]
 
 
@@ -119,7 +124,7 @@ def load_params(spec: str | Path, mesh: Mesh | None = None) -> RunParams:
     mesh = inference_mesh(cfg.sae.n_features) if mesh is None else mesh
     target = _abstract(cfg, mesh)
     if member is not None:  # its group's stacked arrays, then its own slice of them
-        group, index, size = _member_position(run_dir, cfg, member)
+        group, index, size = _member_position(run_dir, member)
         target = {group: jax.tree.map(lambda a: jax.ShapeDtypeStruct(
             (size, *a.shape), a.dtype, sharding=sharding.over_members(a.sharding)), target)}
     restored = Checkpointer(run_dir / "checkpoints", read_only=True).restore_latest(
@@ -135,11 +140,9 @@ def load_params(spec: str | Path, mesh: Mesh | None = None) -> RunParams:
                      state["family_state"])
 
 
-def _member_position(run_dir: Path, cfg: Config, member: str) -> tuple[str, int, int]:
+def _member_position(run_dir: Path, member: str) -> tuple[str, int, int]:
     """(group key, index in the group, group size) of a sweep member."""
-    base = relocated(from_dict(Config, read_yaml(run_dir / "config.yaml", "the run's config")),
-                     run_dir)
-    for group in read_sweep(run_dir, base).groups:
+    for group in _sweep(run_dir).groups:
         names = [m.name for m in group.members]
         if member in names:
             return group.name, names.index(member), len(names)
