@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 # JAX's SLURM detection puts the coordinator on port SLURM_JOB_ID % 4096 + SLURM_PORT_BASE.
@@ -103,6 +104,14 @@ def launch(n: int, devices_per_process: int, saejax_args: list[str], timeout: fl
     terminated (after `grace` seconds to exit on their own)."""
     procs = [subprocess.Popen([sys.executable, "-m", "saejax.cli", *saejax_args], env=env)
              for env in worker_envs(n, devices_per_process, env_style)]
+
+    def forward(signum, frame):  # a scheduler's preemption notice: every worker checkpoints
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, forward)
     deadline = None if timeout is None else time.monotonic() + timeout
     first_failure = None
     try:
