@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from saejax.sae import topk
+from saejax.sae import batching, topk
 from saejax.sae.base import LossContext
 from saejax.sae.config import SAEConfig
 from saejax.sae.stats import reconstruction_metrics
@@ -143,7 +143,7 @@ def batch_top_k_mask(a: jax.Array, n: int | jax.Array) -> jax.Array:
         return above | (tied & (from_end >= cut[:, None]) & (left > 0)[:, None])
 
     # τ = 0: fewer than n positive entries; all are kept and the zeros kept add nothing.
-    return lax.cond((tau > 0) & (_count(keep) > n), first_of_ties, lambda keep: keep, keep)
+    return batching.cond((tau > 0) & (_count(keep) > n), first_of_ties, lambda keep: keep, keep)
 
 
 def keep_batch_top_k(a: jax.Array, k: int | jax.Array) -> jax.Array:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from saejax.errors import ConfigError
-from saejax.sae import precision, topk_sparse
+from saejax.sae import batching, precision, topk_sparse
 from saejax.sae.base import SAE, LossContext
 from saejax.sae.config import SAEConfig, k_aux
 from saejax.sae.stats import reconstruction_metrics
@@ -152,7 +152,7 @@ class TopKSAE(SAE):
         # A cond, not a where: steps with no dead latent (all steps of the first dead window, and
         # runs where none die) skip the k_aux top-k, its scatter, a dense [B,F]@[F,d] product
         # and their gradients.
-        return jax.lax.cond(dead.any(), aux, lambda *_: jnp.zeros((), jnp.float32),
+        return batching.cond(dead.any(), aux, lambda *_: jnp.zeros((), jnp.float32),
                             pre, residual)
 
     def sparse_loss(self, x: jax.Array, ctx: LossContext) -> tuple[jax.Array, dict]:
@@ -179,5 +179,5 @@ class TopKSAE(SAE):
             e_hat = topk_sparse.decode(jax.nn.relu(values), idx, self.W_dec[...])
             return jnp.square(e_hat - jax.lax.stop_gradient(residual)).mean()
 
-        return jax.lax.cond(dead.any(), aux, lambda *_: jnp.zeros((), jnp.float32),
+        return batching.cond(dead.any(), aux, lambda *_: jnp.zeros((), jnp.float32),
                             *selected, residual)

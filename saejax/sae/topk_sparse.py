@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from saejax import axes
-from saejax.sae import precision
+from saejax.sae import batching, precision
 
 TWO_STAGE_CHUNK = 1024
 """Features per first-stage chunk of `top_k` on GPU/TPU, where XLA's one-stage top-k over a long
@@ -295,7 +295,7 @@ def _select_bwd(ks, dtype, res, cot):
     for i, (dv, _), mask in zip(indices[1:], cot[1:], masks[1:]):
         # A masked selection (AuxK's dead latents) contributes only when the mask has a latent;
         # otherwise its cotangent is zero and the scatter is skipped.
-        total = lax.cond(mask.any(), add, lambda t, i, dv: t, total, i, dv)
+        total = batching.cond(mask.any(), add, lambda t, i, dv: t, total, i, dv)
     return (*total, tuple(None for _ in masks))
 
 

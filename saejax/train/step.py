@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from saejax import sharding
 from saejax.config import Config
-from saejax.sae import SAE, get_family
+from saejax.sae import SAE, batching, get_family
 from saejax.train import resample as resample_lib
 from saejax.train.state import (TrainState, init_state, loss_context, lr_at, make_optimizer,
                                 state_shardings)
@@ -104,7 +104,9 @@ def for_members(fn: Callable, shared: tuple[int, ...] = (), freeze: bool = False
     same for every member. `freeze`: fn returns (state, ...) and frozen members keep theirs."""
     def batched(*args):
         axes = tuple(None if i in shared else 0 for i in range(len(args)))
-        out = jax.vmap(fn, in_axes=axes, spmd_axis_name=sharding.LOGICAL_RULES["member"])(*args)
+        with batching.over_members("members"):  # the SAE's branches stay branches (its cond)
+            out = jax.vmap(fn, in_axes=axes, axis_name="members",
+                           spmd_axis_name=sharding.LOGICAL_RULES["member"])(*args)
         if freeze:
             out = (keep_stopped(args[0], out[0]), *out[1:])
         return out
