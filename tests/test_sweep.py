@@ -6,6 +6,7 @@ per-member export, metrics and TensorBoard runs."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -20,11 +21,13 @@ import yaml
 from saejax import cli
 from saejax.checkpoint import Checkpointer
 from saejax.config import Config, ConfigError, MeshConfig, load_config
+from saejax.data import with_absolute_paths
+from saejax.errors import NonFiniteLossError, Preempted
 from saejax.eval.trained import load_sae
 from saejax.export import load_saelens
 from saejax.sae import FAMILIES, get_family
 from saejax.sharding import make_mesh
-from saejax.sweep import data_fields, load_sweep
+from saejax.sweep import data_fields, load_sweep, map_configs
 from saejax.train.loop import build_parts, train
 from saejax.train.resample import resample
 from saejax.train.state import init_state, make_optimizer
@@ -281,6 +284,32 @@ def test_export_writes_one_saelens_folder_per_member(sweep_run, tmp_path):
         load_sae(sweep_run)
 
 
+def test_preempted_sweep_resumes_bitwise_exact(sweep_run, tmp_path, monkeypatch):
+    """SIGTERM during a sweep (in this process: its handler sets a flag): the run saves the
+    step it reached and raises Preempted; the same call resumes and ends bitwise equal to the
+    uninterrupted sweep, metrics.jsonl included."""
+    run_dir = tmp_path / "preempted"
+    argv = [*RUN_ARGS, f"train.run_dir={run_dir}"]
+    sweep = map_configs(load_sweep(None, argv, SWEEP_ARGS[1::2], 8), with_absolute_paths)
+    save = Checkpointer.save
+
+    def save_then_sigterm(self, step, state, meta):
+        save(self, step, state, meta)
+        if step == 12:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_sigterm)
+    with pytest.raises(Preempted, match="saved step 1[2-5]"):
+        train(sweep.base, quiet=True, sweep=sweep)
+    monkeypatch.setattr(Checkpointer, "save", save)
+    with pytest.raises(NonFiniteLossError, match="frozen"):  # train.fail_on_frozen
+        train(sweep.base, quiet=True, sweep=sweep)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]
+    assert strip(_read(run_dir)) == strip(_read(sweep_run))
+    assert_states_bitwise_equal(_restore(run_dir), _restore(sweep_run))
+
+
+@pytest.mark.slow
 def test_sigkill_and_resume_of_a_sweep_is_bitwise_exact(sweep_run, tmp_path):
     run_dir = tmp_path / "killed"
     argv = ["train", "--quiet", *RUN_ARGS, f"train.run_dir={run_dir}", *SWEEP_ARGS]
