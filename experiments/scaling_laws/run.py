@@ -68,6 +68,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--contexts", default="12000:14000", help="held-out contexts for eval")
     p.add_argument("--tree", default="512,2048,8192", help="sizes of the family tree")
+    p.add_argument("--token-sweeps", default="4,2",
+                   help="shorter sweeps at steps/D for each D ('' = none: no token axis)")
     args = p.parse_args()
     mono = Path(args.mono)
     args.acts = args.acts or str(mono / "acts")
@@ -83,7 +85,7 @@ def main() -> None:
           lambda: cli(*train_args(args, work / "sweep", args.steps, main_sweep)))
     # The token axis: the largest k, one seed, at a quarter and half of the steps.
     short_sweep = [sizes, f"sae.topk.k=[{args.ks.split(',')[-1]}]"]
-    shorter = {f"short{d}": args.steps // d for d in (4, 2)}
+    shorter = {f"short{d}": args.steps // int(d) for d in args.token_sweeps.split(",") if d}
     for name, steps in shorter.items():
         timed(seconds, name, timing,
               lambda: cli(*train_args(args, work / name, steps, short_sweep)))
