@@ -23,12 +23,14 @@ import re
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import yaml
 
 README_REFERENCE = "the README's \"Config reference\" section (README.md)"
 INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
+DEFER_S = 5.0  # the longest Ctrl-C waits for the main thread to leave Orbax code
 
 
 def _maybe_init_distributed() -> None:
@@ -125,17 +127,22 @@ def _ctrl_c_outside_checkpointing():
         yield  # SIGINT ignored (a background job) or handled by someone else: leave it so
         return
     active = True
+    deferred_since: list[float] = []
 
     def again() -> None:
         if active:
             os.kill(os.getpid(), signal.SIGINT)
 
     def handler(signum, frame):
-        while frame is not None:
-            if frame.f_globals.get("__name__", "").startswith("orbax."):
-                threading.Timer(0.05, again).start()
-                return
-            frame = frame.f_back
+        # Deferred at most DEFER_S: when saves follow each other closely (tiny steps, frequent
+        # checkpoints, a loaded machine) the main thread may always be inside Orbax.
+        deferred_since[:] = deferred_since or [time.monotonic()]
+        if time.monotonic() - deferred_since[0] < DEFER_S:
+            while frame is not None:
+                if frame.f_globals.get("__name__", "").startswith("orbax."):
+                    threading.Timer(0.05, again).start()
+                    return
+                frame = frame.f_back
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, handler)

@@ -27,7 +27,7 @@ from saejax.data import relocated
 from saejax.errors import ConfigError
 from saejax.typedconfig import read_yaml
 from saejax.sae import SAEConfig, get_family
-from saejax.sweep import read_sweep, split_member
+from saejax.sweep import FILENAME as SWEEP_FILE, read_sweep, split_member
 
 
 @dataclass
@@ -87,10 +87,9 @@ def _sweep(run_dir: Path):
 def members(run_dir: str | Path) -> list[str]:
     """`RUN:member` of every member of a sweep run, or [run_dir] for any other path."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or split_member(run_dir)[1] is not None:
-        return [str(run_dir)]
-    sweep = _sweep(run_dir)
-    return [str(run_dir)] if sweep is None else [f"{run_dir}:{m.name}" for m in sweep.members]
+    if not (run_dir / SWEEP_FILE).is_file() or split_member(run_dir)[1] is not None:
+        return [str(run_dir)]  # not a sweep (checked as the command goes on) or one member
+    return [f"{run_dir}:{m.name}" for m in _sweep(run_dir).members]
 
 
 def inference_mesh(n_features: int, devices: list | None = None) -> Mesh:
