@@ -28,7 +28,7 @@ from saejax.export import load_saelens
 from saejax.sae import FAMILIES, get_family
 from saejax.sharding import make_mesh
 from saejax.sweep import data_fields, load_sweep, map_configs
-from saejax.train.loop import build_parts, train
+from saejax.train.loop import build_parts, summarize, train
 from saejax.train.resample import resample
 from saejax.train.state import init_state, make_optimizer
 from saejax.train.step import StepContract, train_step
@@ -129,6 +129,13 @@ def test_data_fields_leave_the_compiled_program_unchanged(arch):
 # ---------------------------------------------------------------- members equal solo runs
 
 
+class _NoTruth:
+    """A data provider without ground-truth metrics (for `summarize`)."""
+
+    def summary_metrics(self, w_dec):
+        return {}
+
+
 def assert_close_params(got: dict, want: dict) -> None:
     """Equal to float32 rounding of sums taken in another order (other meshes): each
     parameter within 2e-5 of its largest entry (as tests/test_step_sharding.py)."""
@@ -217,6 +224,11 @@ def test_k_varies_inside_one_step(arch, path):
     np.testing.assert_array_equal(got.last_fired, jax.device_get(want.last_fired))
     other = jax.device_get(contract.member_state(state, 1))
     assert not np.allclose(other.params["W_enc"], got.params["W_enc"])  # k mattered
+    if arch == "topk":  # the held-out summary encodes each member at its own k
+        x = jax.device_put(sample, contract.batch_sharding)
+        summary = summarize(group.members[0].cfg, contract, contract.member_state(state, 0),
+                            _NoTruth(), x)
+        assert summary["l0"] <= 2 + 1e-6
 
 
 # ---------------------------------------------------------------- one sweep run, end to end

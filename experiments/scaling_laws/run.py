@@ -94,7 +94,7 @@ def main() -> None:
           lambda: cli("report", str(work / "sweep"), "--out", str(work / "report"), *evald))
     timed(seconds, "scaling", timing,
           lambda: cli("scaling", str(work / "sweep"), *(str(work / n) for n in shorter),
-                      "--out", str(work / "scaling")))
+                      "--out", str(work / "scaling"), *evald))
     k, seed = args.ks.split(",")[-1], args.seeds.split(",")[0]
     tree = [f"{work / 'sweep'}:n_features={n},k={k},seed={seed}" for n in args.tree.split(",")]
     timed(seconds, "compare", timing,

@@ -344,7 +344,9 @@ def summarize(cfg: Config, contract: StepContract, state, data, x: jax.Array) ->
     data's ground-truth metrics (MMCS for synthetic data)."""
     sae_cfg, params = get_family(cfg.sae.arch).for_inference(cfg.sae, state.params,
                                                              state.family_state)
-    graphdef = (contract.graphdef if sae_cfg is cfg.sae
+    # The compiled step's module only when it is this member's (a group compiles TopK at its
+    # largest k; a member of smaller k is evaluated at its own).
+    graphdef = (contract.graphdef if sae_cfg == contract.cfg.sae
                 else get_family(sae_cfg.arch).graphdef(sae_cfg))
     out = heldout_metrics(graphdef, params, state.input_scale, x)
     step, last_fired = to_host((state.step, state.last_fired))
