@@ -197,7 +197,9 @@ def doubled(state, arch: str):
     return state.replace(hparams=h)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# relu, topk and batchtopk also vmap in tests/test_sweep.py (members equal their solo runs).
+@pytest.mark.parametrize("arch", [a if a in ("jumprelu", "gated", "matryoshka") else
+                                  pytest.param(a, marks=pytest.mark.slow) for a in ARCHS])
 def test_vmapped_step_equals_separate_steps(arch):
     c = small_contract(arch)
     members = [initial(arch), doubled(initial(arch), arch)]
@@ -284,7 +286,13 @@ def test_run_metrics_finite(arch, trained):
 # ---------------------------------------------------------------- 2. exact resume
 
 
-@pytest.mark.parametrize("arch", NEWER)
+def _slow_but(keep: str, archs) -> list:
+    """archs as parameters, all but `keep` marked slow (the default suite's time: one family
+    runs each of these checks there, the slow suite all)."""
+    return [a if a == keep else pytest.param(a, marks=pytest.mark.slow) for a in archs]
+
+
+@pytest.mark.parametrize("arch", _slow_but("batchtopk", NEWER))
 def test_resume_after_kill_is_bitwise_exact(arch, trained, tiny_world, tmp_path):
     full, _ = trained(arch)
     # A run killed after step 10's checkpoint: the uninterrupted run's directory as it was then.

@@ -182,7 +182,8 @@ def solo_runs():
     return out
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 1, 1), (2, 2, 1), (2, 2, 2)])
+@pytest.mark.parametrize("shape", [(1, 1, 1), pytest.param((2, 1, 1), marks=pytest.mark.slow),
+                                   pytest.param((2, 2, 1), marks=pytest.mark.slow), (2, 2, 2)])
 def test_members_equal_their_solo_runs_on_every_mesh(shape, solo_runs):
     """lr, seed and input scaling vary inside one compiled step on (sae, data, model) meshes
     of 1-8 devices, through a resampling event; each member ends as its config trained alone on
@@ -201,8 +202,8 @@ def test_members_equal_their_solo_runs_on_every_mesh(shape, solo_runs):
         np.testing.assert_array_equal(got.last_fired, want.last_fired)
 
 
-@pytest.mark.parametrize("arch, path", [("topk", "dense"), ("topk", "sparse"),
-                                        ("batchtopk", "dense")])
+@pytest.mark.parametrize("arch, path", [pytest.param("topk", "dense", marks=pytest.mark.slow),
+                                        ("topk", "sparse"), ("batchtopk", "dense")])
 def test_k_varies_inside_one_step(arch, path):
     """Members k=2 and k=8 share the step compiled for k=8 (ranks ≥ 2 masked for the first),
     on a sae × data × model mesh; the k=2 member equals its solo run on those devices (a
