@@ -5,6 +5,12 @@ and sha256 checksums and manifests of the on-disk datasets.
 A reader sees either the old file (or directory) or the complete new one, never a torn write.
 The on-disk datasets (token shards in `saejax.text.tokens`, activation stores in
 `saejax.data.store`) compute every shard's checksum from the bytes as they are written.
+
+The writers and readers here also take URLs (gs://, s3://; `saejax.paths`). An object store
+has no rename, so a file is written to a local temporary file and uploaded in one piece (an
+object appears whole when its upload completes), and a directory is staged locally and uploaded
+with its commit file (a dataset's manifest) last (`atomic_dir`). Shards there are read by byte
+ranges instead of memory-mapped (`saejax.objstore.RangeNpy`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+
+from saejax import objstore
+from saejax.paths import as_path, is_url
 
 _HASH_CHUNK = 1 << 20
 
@@ -40,7 +49,12 @@ class _HashingWriter:
 @contextlib.contextmanager
 def open_atomic(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file to write `path` through: it is `path.tmp`, fsynced and renamed onto `path`
-    when the block ends without error (readers see the old file or the new one, whole)."""
+    when the block ends without error (readers see the old file or the new one, whole). For a
+    URL it is a local temporary file, uploaded as the object in one piece."""
+    if is_url(path):
+        with objstore.staged_upload(os.fspath(path)) as f:
+            yield f
+        return
     tmp = os.fspath(path) + ".tmp"
     with open(tmp, "wb") as f:
         yield f
@@ -120,9 +134,22 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(out: str | os.PathLike, last: str | None = None) -> Iterator[Path]:
     """An empty directory beside `out` to write into; when the block ends without error it
-    replaces `out` (`replace_dir`), on error it is removed and `out` is left as it was."""
+    replaces `out` (`replace_dir`), on error it is removed and `out` is left as it was.
+
+    For a URL `out`, the directory is a local temporary one; when the block ends without error
+    it is uploaded over the prefix `out` (`saejax.objstore.publish_dir`): the old `last` file
+    (the one whose presence says "complete"; default `MANIFEST`) is deleted first, then the
+    rest of the old prefix, and the new `last` is uploaded after every other file. Until the
+    block ends `out` is left as it was; after that there is no moment at which `out` holds a
+    `last` with files not its own, but a crash during the upload leaves it without `last`,
+    visibly incomplete, where a local directory would still hold the old one."""
+    if is_url(out):
+        with tempfile.TemporaryDirectory(prefix="saejax-") as tmp:
+            yield Path(tmp)
+            objstore.publish_dir(tmp, os.fspath(out), last or MANIFEST)
+        return
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -136,11 +163,10 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
 
 
 def sha256_file(path: str) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    """Hex sha256 of a file's (or object's) bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
+    for chunk in objstore.read_chunks(path, _HASH_CHUNK):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -155,13 +181,12 @@ def read_manifest_json(path: str, *, what: str, fmt: str, version: int,
     """The manifest of the on-disk dataset at `path`, checked for format, version and the
     top-level `fields` (name -> type) readers rely on; errors name the file and the field."""
     file = os.path.join(path, MANIFEST)
-    if not os.path.isfile(file):
+    if not as_path(file).is_file():
         hint = (f" (it holds the {MARKER} marker: {rerun_hint})"
-                if os.path.exists(os.path.join(path, MARKER)) else "")
+                if as_path(os.path.join(path, MARKER)).exists() else "")
         raise ValueError(f"{path} is not {what}: no {MANIFEST}{hint}")
     try:
-        with open(file, encoding="utf-8") as f:
-            m = json.load(f)
+        m = json.loads(as_path(file).read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from e
     if not isinstance(m, dict) or m.get("format") != fmt:
@@ -177,15 +202,41 @@ def read_manifest_json(path: str, *, what: str, fmt: str, version: int,
 def open_shard(root: str, entry: dict[str, Any], dtype: np.dtype, width: int,
                what: str = "") -> np.ndarray:
     """Memory-map the manifest entry's .npy shard under `root`, checked to exist and to hold
-    [entry["rows"], width] values of `dtype`; errors name the shard file."""
-    path = os.path.join(root, entry["file"])
+    [entry["rows"], width] values of `dtype`; errors name the shard file. Under a URL root the
+    shard is a `saejax.objstore.RangeNpy`, read by byte ranges."""
+    return open_shards(root, [entry], dtype, width, what)[0]
+
+
+def open_shards(root: str, entries: list[dict[str, Any]], dtype: np.dtype, width: int,
+                what: str = "") -> list[np.ndarray]:
+    """`open_shard` of every entry; under a URL root all headers are read in one concurrent
+    round of requests rather than one shard after another. The first bad shard raises."""
+    paths = [os.path.join(root, e["file"]) for e in entries]
+    # Local shards are mapped lazily, each checked before the next is opened, as always.
+    opened = objstore.open_npys(paths) if is_url(root) else map(_memory_map, paths)
+    return [_checked_shard(p, arr, e, dtype, width, what)
+            for p, arr, e in zip(paths, opened, entries)]
+
+
+def _memory_map(path: str) -> np.ndarray:
     if not os.path.isfile(path):
         raise ValueError(f"{path}: shard listed in {MANIFEST} is missing")
     try:
-        arr = np.load(path, mmap_mode="r")
+        return np.load(path, mmap_mode="r")
     except Exception as e:  # truncated file, bad header, ...
         raise ValueError(f"{path}: cannot be memory-mapped as a .npy array, truncated or "
                          f"damaged? ({e})") from e
+
+
+def _checked_shard(path: str, arr: Any, entry: dict[str, Any], dtype: np.dtype, width: int,
+                   what: str) -> Any:
+    """`arr` once it holds what the manifest says (an exception from opening it, raised as the
+    one-line error naming the shard)."""
+    if isinstance(arr, FileNotFoundError):
+        raise ValueError(f"{path}: shard listed in {MANIFEST} is missing")
+    if isinstance(arr, Exception):
+        raise ValueError(f"{path}: cannot be read as a .npy array, truncated or damaged? "
+                         f"({arr})") from arr
     if arr.dtype != dtype:
         raise ValueError(f"{path}: dtype {arr.dtype}, manifest says {what or dtype}")
     if arr.shape != (entry["rows"], width):

@@ -11,8 +11,8 @@ import saejax
 
 # Lowest first. A module's layer is that of the longest entry its dotted name starts with.
 LAYERS = [
-    ["saejax.errors", "saejax.atomic", "saejax.files", "saejax.hashmix",  # 0 base
-     "saejax.typedconfig", "saejax.axes"],
+    ["saejax.errors", "saejax.paths", "saejax.objstore", "saejax.atomic", "saejax.files",  # 0
+     "saejax.hashmix", "saejax.typedconfig", "saejax.axes"],
     ["saejax.sae", "saejax.text"],                                        # 1 sae, text
     ["saejax.config", "saejax.sharding", "saejax.checkpoint", "saejax.sweep",
      "saejax.cluster"],                                                   # 2 config

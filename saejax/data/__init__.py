@@ -73,5 +73,5 @@ def relocated(cfg: Config, run_dir: str | os.PathLike) -> Config:
 
     data = dataclasses.replace(d, store_path=find(d.store_path), tokens_path=find(d.tokens_path),
                                lm_path=find(d.lm_path), paths=[find(p) for p in d.paths])
-    train = dataclasses.replace(cfg.train, run_dir=os.path.abspath(run_dir))
+    train = dataclasses.replace(cfg.train, run_dir=absolute_path(os.fspath(run_dir)))
     return dataclasses.replace(cfg, data=data, train=train)

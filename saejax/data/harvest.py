@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from saejax.config import ConfigError
 from saejax.files import absolute_path
+from saejax.paths import is_url
 
 
 def check_sites(sites: Sequence[str], valid: Sequence[str]) -> None:
@@ -28,9 +29,12 @@ def check_sites(sites: Sequence[str], valid: Sequence[str]) -> None:
 def _model_paths(model: str, out_dir: str) -> dict[str, str]:
     """How a store records its model: a local directory absolute (eval finds it from any
     directory) and relative to the store (found again when both were moved together, see
-    `saejax.data.store.read_store_manifest`); a hub id as given."""
+    `saejax.data.store.read_store_manifest`); a hub id as given. A store in a bucket records
+    the model's absolute path only: a bucket and a local directory do not move together."""
     if not os.path.isdir(model):
         return {"model": model}
+    if is_url(out_dir):
+        return {"model": absolute_path(model)}
     return {"model": absolute_path(model),
             "model_relative": os.path.relpath(absolute_path(model), absolute_path(out_dir))}
 

@@ -11,7 +11,9 @@ an epoch:
 
 so every epoch visits every row exactly once, in a fresh order, and the rows of a step are a pure
 function of (step, batch_size, seed): a resumed run, or another process reading its own slice,
-sees exactly the same data. Only the pages of the requested rows are read from disk.
+sees exactly the same data. Only the pages of the requested rows are read from disk; shards on
+an object store (gs://, s3://) are read by byte ranges instead (`saejax.objstore.RangeNpy`), the
+rows of one batch from all its shards in one concurrent round of requests.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import numpy as np
 from saejax.data.order import epoch_order
 from saejax.data.source import check_row_request, check_sample_request
 from saejax.files import expand_paths
+from saejax.objstore import RangeNpy, open_npys, take_rows
+from saejax.paths import is_url
 
 # Second word of every seed, so the epoch permutations and sample() never share a stream.
 _EPOCH_STREAM, _SAMPLE_STREAM = 0, 1
@@ -31,11 +35,31 @@ _EPOCH_STREAM, _SAMPLE_STREAM = 0, 1
 
 def open_shard(path: str) -> np.ndarray:
     """Memory-map one shard, checking it is a 2-D array of floats."""
+    return open_shards([path])[0]
+
+
+def open_shards(paths: list[str]) -> list[np.ndarray]:
+    """`open_shard` of each path; URLs become `RangeNpy` arrays, their headers read in one
+    concurrent round of requests. The first bad file raises."""
+    urls = [p for p in paths if is_url(p)]
+    remote = dict(zip(urls, open_npys(urls)))
+    return [_checked(p, remote[p] if is_url(p) else _memory_map(p)) for p in paths]
+
+
+def _memory_map(path: str) -> np.ndarray | Exception:
     try:
-        arr = np.load(path, mmap_mode="r")
+        return np.load(path, mmap_mode="r")
     except Exception as e:  # not an .npy file, pickled objects, truncated header, ...
-        raise ValueError(f"{path}: cannot be memory-mapped as a .npy array ({e})") from e
-    if not isinstance(arr, np.ndarray):
+        return e
+
+
+def _checked(path: str, arr) -> np.ndarray:
+    """`arr` once it is a 2-D array of floats (an exception from opening it, raised as the
+    one-line error naming the file)."""
+    if isinstance(arr, Exception):
+        how = "read" if is_url(path) else "memory-mapped"
+        raise ValueError(f"{path}: cannot be {how} as a .npy array ({arr})") from arr
+    if not isinstance(arr, (np.ndarray, RangeNpy)):
         raise ValueError(f"{path}: expected a single .npy array, got {type(arr).__name__}")
     if arr.ndim != 2:
         raise ValueError(f"{path}: expected a 2-D [rows, d] array, got shape {arr.shape}")
@@ -108,18 +132,19 @@ class ShuffledTable:
 
         The requested rows are sorted once and each shard is read with its run of sorted row
         indices (sequential-ish page access on the mmap; cost linear in the rows, not in
-        rows x shards); the rows are written back to their requested positions."""
+        rows x shards); the rows are written back to their requested positions. All shards'
+        reads go through one `take_rows` call (one round of requests on an object store)."""
         table_rows = np.asarray(table_rows, np.int64)
         out = np.empty((len(table_rows), self.d_in), dtype)
         order = np.argsort(table_rows, kind="stable")
         ordered = table_rows[order]
         shard = np.searchsorted(self._ends, ordered, side="right")
         cuts = np.flatnonzero(np.diff(shard)) + 1
-        for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(ordered)]])):
-            if a == b:
-                continue
-            s = shard[a]
-            block = self._shards[s][ordered[a:b] - self._starts[s]]
+        runs = [(a, b) for a, b in zip(np.concatenate([[0], cuts]),
+                                       np.concatenate([cuts, [len(ordered)]])) if a != b]
+        blocks = take_rows([(self._shards[shard[a]], ordered[a:b] - self._starts[shard[a]])
+                            for a, b in runs])
+        for (a, b), block in zip(runs, blocks):
             out[order[a:b]] = block if self._decode is None else self._decode(block)
         return out
 
@@ -131,7 +156,7 @@ class NpySource(ShuffledTable):
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.paths = expand_paths(paths)
-        shards = [open_shard(p) for p in self.paths]
+        shards = open_shards(self.paths)
         d_in = _common_width(self.paths, shards)
         if sum(len(s) for s in shards) == 0:
             raise ValueError(f"the data files hold no rows: {self.paths}")

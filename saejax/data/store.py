@@ -30,6 +30,10 @@ memory-mapped as one table, served in the per-epoch shuffled order of `saejax.da
 (every row once per epoch, a pure function of (step, batch_size, seed), exact per-process
 slices). Opening checks the manifest against the files (present, shape, dtype); `verify()`
 also checks the sha256 of every shard of the site (it reads all the bytes).
+
+Object stores. `out_dir` and `path` may be URLs (gs://, s3://): shards are uploaded as whole
+objects, the progress file is rewritten rather than appended, the manifest is uploaded last, and
+reading uses byte ranges instead of memory maps (`saejax.objstore`); resume works the same.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from saejax.atomic import MANIFEST, open_shard, read_manifest_json, verify_shards
+from saejax.atomic import MANIFEST, open_shards, read_manifest_json, verify_shards
 from saejax.data.npy import ShuffledTable
+from saejax.paths import is_url
 
 FORMAT = "saejax.activations"
 VERSION = 1
@@ -79,7 +84,9 @@ class ActivationStore(ShuffledTable):
         self.provenance: dict[str, Any] = m["provenance"]
         self._entries = m["sites"][site]["shards"]
         d = m["sites"][site]["d"]
-        shards = [self._open_shard(e, d) for e in self._entries]
+        want = DTYPES[self.dtype]
+        shards = open_shards(self.path, self._entries, want, d,
+                             f"{self.dtype} (stored as {want.name})")
         total = sum(len(s) for s in shards)
         if total != m["n_rows"]:
             raise ValueError(f"{self.path}/{MANIFEST}: n_rows={m['n_rows']} but the shards of "
@@ -95,10 +102,6 @@ class ActivationStore(ShuffledTable):
     def verify(self) -> None:
         """Check the sha256 of every shard of this site (error names the first bad shard)."""
         verify_shards(self.path, self._entries, "re-harvest the store")
-
-    def _open_shard(self, entry: dict[str, Any], d: int) -> np.ndarray:
-        want = DTYPES[self.dtype]
-        return open_shard(self.path, entry, want, d, f"{self.dtype} (stored as {want.name})")
 
 
 def read_store_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -133,9 +136,12 @@ def read_store_manifest(path: str | os.PathLike) -> dict[str, Any]:
 def _relocate_provenance(m: dict[str, Any], path: str) -> None:
     """Point provenance.model at the model directory where it is now, when the store was moved
     together with it: a recorded path that no longer exists is replaced by the same place
-    relative to the store (`model_relative`), if something is there."""
+    relative to the store (`model_relative`), if something is there. A store or a model at a
+    URL is never relocated."""
     prov = m["provenance"]
     model, relative = prov.get("model"), prov.get("model_relative")
+    if is_url(path) or is_url(model):
+        return
     if isinstance(model, str) and isinstance(relative, str) and not os.path.exists(model):
         moved = os.path.normpath(os.path.join(os.path.abspath(path), relative))
         if os.path.isdir(moved):

@@ -11,6 +11,11 @@ Re-run with different arguments, it refuses and names what differs (`overwrite=T
 over). A complete store is left alone when the arguments match (nothing to do) and refused
 otherwise, unless `overwrite=True`, which removes the manifest first.
 
+Into a bucket (`out_dir` a gs:// or s3:// URL) the same rules hold with the object store's
+means: a shard file is one upload (an object appears whole or not at all, so there are no tmp
+files), progress.jsonl is rewritten with each new line (no append), the marker and the manifest
+are objects, and resuming checks the recorded shards' sizes and .npy headers by ranged reads.
+
 Batches. Contexts go to `activations_fn` `batch_contexts` at a time, batches aligned to the
 shard start; a shard's last, short batch is padded with token-0 contexts whose outputs are
 discarded, so a jitted forward compiles for one shape only. The next batch is dispatched
@@ -24,7 +29,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_dtypes
@@ -32,6 +36,8 @@ import numpy as np
 
 from saejax.atomic import MANIFEST, MARKER, sha256_file, write_json_atomic, write_npy_atomic
 from saejax.data.store import DTYPES, FORMAT, VERSION, read_store_manifest
+from saejax.objstore import is_link, list_names, makedirs, open_npys, remove_tree, size
+from saejax.paths import absolute, append_text, as_path, is_url
 
 PROGRESS = "progress.jsonl"
 
@@ -87,11 +93,11 @@ def harvest_to_store(contexts, activations_fn: ActivationsFn, out_dir: str | os.
         for site in spec["sites"]:
             file = f"{site}/acts_{i:05d}.npy"
             path = os.path.join(out_dir, file)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            makedirs(os.path.dirname(path))
             sha = write_npy_atomic(path, blocks[site])
             record["rows"] = int(len(blocks[site]))
             record["d"][site] = int(blocks[site].shape[1])
-            record["files"][site] = {"file": file, "sha256": sha, "bytes": os.path.getsize(path)}
+            record["files"][site] = {"file": file, "sha256": sha, "bytes": size(path)}
         _append_line(os.path.join(out_dir, PROGRESS), record)
         records.append(record)
         if bar is not None:
@@ -104,8 +110,8 @@ def harvest_to_store(contexts, activations_fn: ActivationsFn, out_dir: str | os.
         raise ValueError(f"{out_dir}: every position of every context is BOS; the store would "
                          f"hold no rows (use drop_bos=False?)")
     write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
-    os.remove(os.path.join(out_dir, PROGRESS))
-    os.remove(os.path.join(out_dir, MARKER))
+    as_path(os.path.join(out_dir, PROGRESS)).unlink()
+    as_path(os.path.join(out_dir, MARKER)).unlink()
     return manifest
 
 
@@ -115,9 +121,9 @@ def token_provenance(contexts) -> dict[str, Any] | None:
     if not isinstance(path, (str, os.PathLike)):
         return None
     manifest = os.path.join(os.fspath(path), MANIFEST)
-    if not os.path.isfile(manifest):
+    if not as_path(manifest).is_file():
         return None
-    return {"path": os.path.abspath(os.fspath(path)), "manifest_sha256": sha256_file(manifest)}
+    return {"path": absolute(os.fspath(path)), "manifest_sha256": sha256_file(manifest)}
 
 
 def _harvest_spec(contexts, sites, contexts_per_shard, batch_contexts, dtype, drop_bos, bos_id,
@@ -244,6 +250,9 @@ def _encode(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _append_line(path: str, record: dict[str, Any]) -> None:
+    if is_url(path):  # rewritten whole: an object cannot be appended to
+        append_text(path, json.dumps(record, sort_keys=True) + "\n")
+        return
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
@@ -285,12 +294,12 @@ def _spec_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 def _ours(out_dir: str) -> tuple[set[str], list[str]]:
     """(top-level names the store writer owns, foreign entries) of an existing out_dir."""
     ours, foreign = set(), []
-    for name in sorted(os.listdir(out_dir)):
+    for name in sorted(list_names(out_dir)):
         path = os.path.join(out_dir, name)
         if name in _WORK_FILES:
             ours.add(name)
-        elif os.path.isdir(path) and _SITE.match(name) and not os.path.islink(path):
-            bad = [f for f in os.listdir(path) if not _SHARD.match(f)]
+        elif as_path(path).is_dir() and _SITE.match(name) and not is_link(path):
+            bad = [f for f in list_names(path) if not _SHARD.match(f)]
             if bad:
                 foreign.append(f"{name}/{bad[0]}")
             else:
@@ -302,14 +311,13 @@ def _ours(out_dir: str) -> tuple[set[str], list[str]]:
 
 def _clear(out_dir: str, names: set[str]) -> None:
     for name in sorted(names - {MARKER}):
-        path = os.path.join(out_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        remove_tree(os.path.join(out_dir, name))
 
 
 def _prepare(out_dir: str, spec: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
     """Ready out_dir for (re)harvesting; return the manifest instead if the store is already
     complete with these arguments."""
-    os.makedirs(out_dir, exist_ok=True)
+    makedirs(out_dir)
     ours, foreign = _ours(out_dir)
     if foreign:
         raise FileExistsError(f"{out_dir} holds files an activation store does not "
@@ -325,7 +333,7 @@ def _prepare(out_dir: str, spec: dict[str, Any], overwrite: bool) -> dict[str, A
                                   f"--overwrite to replace it, or choose another directory")
         _clear(out_dir, ours & {PROGRESS, MARKER + ".tmp", MANIFEST + ".tmp"})
         if MARKER in ours:
-            os.remove(marker)
+            as_path(marker).unlink()
         return manifest  # complete, same arguments: nothing to do
     if ours and MARKER not in ours and MANIFEST not in ours:
         raise FileExistsError(f"{out_dir} holds activation shards but neither {MANIFEST} nor the "
@@ -341,7 +349,7 @@ def _prepare(out_dir: str, spec: dict[str, Any], overwrite: bool) -> dict[str, A
     # fresh start: mark first, then (manifest first) remove what an earlier store left
     write_json_atomic(marker, spec)
     if MANIFEST in ours:
-        os.remove(os.path.join(out_dir, MANIFEST))
+        as_path(os.path.join(out_dir, MANIFEST)).unlink()
     _clear(out_dir, ours - {MANIFEST})
     return None
 
@@ -351,9 +359,8 @@ def _resume(out_dir: str, spec: dict[str, Any], contexts) -> list[dict[str, Any]
     written after the last record (files of an unrecorded shard, tmp files, a torn line)."""
     path = os.path.join(out_dir, PROGRESS)
     records: list[dict[str, Any]] = []
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            data = f.read()
+    if as_path(path).exists():
+        data = as_path(path).read_bytes()
         good = 0
         lines = data.split(b"\n")
         for k, line in enumerate(lines[:-1]):  # the last piece has no newline: torn or empty
@@ -369,19 +376,26 @@ def _resume(out_dir: str, spec: dict[str, Any], contexts) -> list[dict[str, Any]
             records.append(rec)
             good += len(line) + 1
         if good != len(data):
-            with open(path, "r+b") as f:
-                f.truncate(good)
+            _truncate(path, data[:good])
     done = {r["files"][s]["file"] for r in records for s in spec["sites"]}
     for site in spec["sites"]:
         sdir = os.path.join(out_dir, site)
-        if os.path.isdir(sdir):
-            for name in os.listdir(sdir):
-                if f"{site}/{name}" not in done:
-                    os.remove(os.path.join(sdir, name))
+        for name in list_names(sdir):
+            if f"{site}/{name}" not in done:
+                as_path(os.path.join(sdir, name)).unlink()
     for name in (MANIFEST + ".tmp", MARKER + ".tmp"):
-        if os.path.exists(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
+        if as_path(os.path.join(out_dir, name)).exists():
+            as_path(os.path.join(out_dir, name)).unlink()
     return records
+
+
+def _truncate(path: str, keep: bytes) -> None:
+    """Cut the file at `path` down to its first bytes `keep` (an object is rewritten whole)."""
+    if is_url(path):
+        as_path(path).write_bytes(keep)
+        return
+    with open(path, "r+b") as f:
+        f.truncate(len(keep))
 
 
 def _check_record(out_dir: str, spec: dict[str, Any], contexts, rec: Any, index: int) -> bool:
@@ -395,10 +409,10 @@ def _check_record(out_dir: str, spec: dict[str, Any], contexts, rec: Any, index:
         for site in spec["sites"]:
             entry = rec["files"][site]
             path = os.path.join(out_dir, entry["file"])
-            if entry["file"] != f"{site}/acts_{index:05d}.npy" or not os.path.isfile(path) \
-                    or os.path.getsize(path) != entry["bytes"]:
+            if entry["file"] != f"{site}/acts_{index:05d}.npy" or not as_path(path).is_file() \
+                    or size(path) != entry["bytes"]:
                 return False
-            arr = np.load(path, mmap_mode="r")
+            arr = _open_npy(path)
             if arr.shape != (rec["rows"], rec["d"][site]) or arr.dtype != DTYPES[spec["dtype"]]:
                 return False
     except (KeyError, TypeError, ValueError, OSError):
@@ -410,10 +424,20 @@ def _check_record(out_dir: str, spec: dict[str, Any], contexts, rec: Any, index:
     return True
 
 
+def _open_npy(path: str):
+    """The .npy file at `path` without reading its rows (a memory map; for a URL, a
+    `RangeNpy`): shape and dtype. Raises OSError or ValueError when it is not one."""
+    if not is_url(path):
+        return np.load(path, mmap_mode="r")
+    arr = open_npys([path])[0]
+    if isinstance(arr, Exception):
+        raise arr
+    return arr
+
+
 def _read_json(path: str) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(as_path(path).read_bytes().decode("utf-8"))
     except (OSError, ValueError):
         return None
 

@@ -1,4 +1,5 @@
-"""Documents (strings) from local text files, JSON-lines files, or HF `datasets`.
+"""Documents (strings) from text files, JSON-lines files (local, or objects at gs:// and s3://
+URLs), or HF `datasets`.
 
 A corpus is a re-iterable, deterministic sequence of documents: iterating it twice gives the
 same documents in the same order (files are read in the order given, each glob's matches
@@ -21,6 +22,7 @@ HF datasets are read through `datasets.load_dataset(name, config, split=..., str
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
 
 from saejax.files import expand_paths
+from saejax.paths import as_path
 
 # CSI escape sequences (colours, cursor moves) as found in some fortune files (fortunes-zh).
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
@@ -42,8 +45,7 @@ def expand_text_paths(paths: str | os.PathLike | list[str | os.PathLike]) -> lis
 def read_text_file(path: str, encoding: str = "utf-8") -> str:
     """The whole file as a string, with a decoding error naming the file and byte offset
     (e.g. a binary `.dat` index picked up by a `fortunes/*` glob)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = as_path(path).read_bytes()
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
@@ -98,7 +100,7 @@ def iter_jsonl_files(files: list[str], text_field: str = "text",
                      encoding: str = "utf-8") -> Iterator[str]:
     """The `text_field` string of every record of JSON-lines files, in file and line order."""
     for path in files:
-        with open(path, encoding=encoding, newline="\n") as f:
+        with io.TextIOWrapper(as_path(path).open("rb"), encoding=encoding, newline="\n") as f:
             lineno = 0
             while True:
                 try:

@@ -12,6 +12,12 @@ trained or a token written. Writes never damage what is there:
 * with `overwrite`, a complete dataset (and a trained tokenizer's directory) is written beside
   the old one and swapped in only when the new one is complete (`saejax.atomic.atomic_dir`): an
   error or Ctrl-C on the way leaves the old dataset and its tokenizer whole.
+
+The dataset and a trained tokenizer may go to URLs (gs://, s3://). A fresh dataset is written
+straight into the bucket (shards as objects, manifest last); a replaced one, and a trained
+tokenizer, are written to a local temporary directory and uploaded with the manifest (the
+tokenizer: tokenizer.json) last (`atomic_dir`'s object-store form: the old one stays whole
+until the new one is complete, then is deleted manifest first).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import os
 
 from saejax.atomic import MANIFEST, atomic_dir
 from saejax.files import absolute_path
+from saejax.objstore import list_names
+from saejax.paths import as_path, is_url
 from saejax.text.corpus import Corpus
 from saejax.text.tokens import BosMode, Packer, TokenDataset, check_output_dir, special_ids, \
     write_token_dataset
@@ -34,11 +42,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 def default_tokenizer_dir(out_dir: str | os.PathLike) -> str:
     """Where a trained BPE goes by default: OUT_DIR-tokenizer beside the dataset (a trailing
     slash on out_dir must not put it inside the dataset)."""
-    return os.path.normpath(os.fspath(out_dir)) + "-tokenizer"
+    out_dir = os.fspath(out_dir)
+    if is_url(out_dir):  # normpath would fold the '//' of 's3://'
+        return out_dir.rstrip("/") + "-tokenizer"
+    return os.path.normpath(out_dir) + "-tokenizer"
 
 
 def _nested(a: str, b: str) -> bool:
     """Whether one of the two paths is the other or lies inside it."""
+    if is_url(a) or is_url(b):
+        a, b = (p.rstrip("/") + "/" for p in (a, b))
+        return a.startswith(b) or b.startswith(a)
     a, b = os.path.abspath(a), os.path.abspath(b)
     return os.path.commonpath([a, b]) in (a, b)
 
@@ -46,14 +60,15 @@ def _nested(a: str, b: str) -> bool:
 def _check_tokenizer_dir(path: str, overwrite: bool) -> None:
     """Refuse a non-empty directory for a trained BPE unless `overwrite` and it holds a tokenizer
     (a directory of other files is never replaced)."""
-    if not os.path.exists(path):
+    if not as_path(path).exists():
         return
-    if not os.path.isdir(path):
+    if not as_path(path).is_dir():
         raise FileExistsError(f"tokenizer directory {path} is a file: choose another "
                               f"--tokenizer-out")
-    if not os.listdir(path):
+    names = list_names(path)
+    if not names:
         return
-    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+    if not any(f in names and as_path(os.path.join(path, f)).is_file() for f in TOKENIZER_FILES):
         raise FileExistsError(f"{path} holds files that are not a tokenizer; refusing to write a "
                               f"tokenizer into it: choose another --tokenizer-out")
     if not overwrite:
@@ -113,11 +128,12 @@ def tokenize(corpus: Corpus, out_dir: str | os.PathLike, *, tokenizer: str | Non
     # trainer copies the tokenizer) find it from any directory.
     local = tok_dir or (tokenizer if os.path.isdir(tokenizer) else None)
     tok_path = absolute_path(local) if local else tokenizer
-    replace = os.path.isfile(os.path.join(out_dir, MANIFEST))  # complete: overwrite it whole
+    replace = as_path(os.path.join(out_dir, MANIFEST)).is_file()  # complete: overwrite it whole
     with contextlib.ExitStack() as stack:
         # Entered first, left last: the tokenizer is swapped in right after the dataset.
         if tok_dir is not None:
-            tok = fit_bpe(corpus, train_bpe, stack.enter_context(atomic_dir(tok_dir)))
+            tok_tmp = stack.enter_context(atomic_dir(tok_dir, last=TOKENIZER_FILES[0]))
+            tok = fit_bpe(corpus, train_bpe, tok_tmp)
         target = stack.enter_context(atomic_dir(out_dir)) if replace else out_dir
         write_token_dataset(corpus, tok, target, ctx_len=ctx_len, bos=bos,
                             max_contexts=max_contexts, source=corpus.describe(),

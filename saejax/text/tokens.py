@@ -36,6 +36,10 @@ removes the manifest *first*, so a crash mid-overwrite leaves a directory that i
 not a dataset (`saejax.text.tokenize`, the command, instead writes the new dataset beside the
 old one and swaps it in whole). A non-empty directory the writer did not create is never
 touched.
+
+`out_dir` may be a URL (gs://, s3://): each shard is uploaded as one object, the manifest last,
+and the `.incomplete` marker is an object too; the dataset is then read by byte ranges instead of
+memory maps (`saejax.objstore.RangeNpy`).
 """
 
 from __future__ import annotations
@@ -46,8 +50,10 @@ from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
-from saejax.atomic import (MANIFEST, MARKER, open_shard, read_manifest_json,
+from saejax.atomic import (MANIFEST, MARKER, open_shards, read_manifest_json,
                            verify_shards, write_json_atomic, write_npy_atomic)
+from saejax.objstore import makedirs, take_rows
+from saejax.paths import as_path
 from saejax.text.tokenizer import encode_batch, tokenizer_name
 
 BosMode = Literal["every_context", "document", "none"]
@@ -232,7 +238,7 @@ def write_token_dataset(docs: Iterable[str], tokenizer, out_dir: str | os.PathLi
         "shards": shards,
     }
     write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
-    os.remove(os.path.join(out_dir, MARKER))
+    as_path(os.path.join(out_dir, MARKER)).unlink()
     return TokenDataset(out_dir)
 
 
@@ -241,11 +247,12 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> set[str]:
     without `overwrite`, a file, foreign files, shards nobody marked. Returns the names it
     holds (empty when it does not exist)."""
     out_dir = os.fspath(out_dir)
-    if not os.path.exists(out_dir):
+    path = as_path(out_dir)
+    if not path.exists():
         return set()
-    if not os.path.isdir(out_dir):
+    if not path.is_dir():
         raise FileExistsError(f"{out_dir} is a file, not a directory: choose another out_dir")
-    names = set(os.listdir(out_dir))
+    names = {p.name for p in path.iterdir()}
     if MANIFEST in names and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a complete token dataset ({MANIFEST}); "
                               f"pass --overwrite to replace it, or choose another directory")
@@ -268,14 +275,14 @@ def prepare_output_dir(out_dir: str, overwrite: bool) -> None:
     """Make `out_dir` an empty-of-shards directory marked incomplete (restart rules in the
     module docstring); refuse what `check_output_dir` refuses."""
     names = check_output_dir(out_dir, overwrite)
-    os.makedirs(out_dir, exist_ok=True)
-    manifest = os.path.join(out_dir, MANIFEST)
+    makedirs(out_dir)
     ours = _ours(names)
     _touch(os.path.join(out_dir, MARKER))  # before anything is deleted or written
     if MANIFEST in names:
-        os.remove(manifest)  # first: from here on the directory is visibly incomplete
+        # first: from here on the directory is visibly incomplete
+        as_path(os.path.join(out_dir, MANIFEST)).unlink()
     for name in sorted(ours - {MARKER, MANIFEST}):
-        os.remove(os.path.join(out_dir, name))
+        as_path(os.path.join(out_dir, name)).unlink()
 
 
 def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -302,8 +309,8 @@ def _write_shard(out_dir: str, index: int, rows: np.ndarray, dtype: np.dtype,
 
 
 def _touch(path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("a saejax token dataset is being written here; no manifest.json = not complete\n")
+    as_path(path).write_text("a saejax token dataset is being written here; no manifest.json "
+                             "= not complete\n", encoding="utf-8")
 
 
 def _progress_bar(enabled: bool, total: int | None):
@@ -334,7 +341,7 @@ class TokenDataset:
         self.bos: str = m["bos"]
         self.bos_id: int | None = m["bos_id"]
         self.vocab_size: int = m["tokenizer"]["vocab_size"]
-        self._shards = [self._open_shard(s) for s in m["shards"]]
+        self._shards = open_shards(self.path, m["shards"], self.dtype, self.ctx_len)
         lengths = np.array([len(s) for s in self._shards], np.int64)
         if int(lengths.sum()) != self.n_contexts:
             raise ValueError(f"{self.path}/{MANIFEST}: n_contexts={self.n_contexts} but the "
@@ -365,17 +372,18 @@ class TokenDataset:
             raise IndexError(f"context {bad} is outside [0, {self.n_contexts})")
         out = np.empty((len(idx), self.ctx_len), np.int32)
         shard = np.searchsorted(self._ends, idx, side="right")
-        for s in np.unique(shard):
-            where = np.flatnonzero(shard == s)
-            out[where] = self._shards[s][idx[where] - self._starts[s]]
+        used = np.unique(shard)
+        wheres = [np.flatnonzero(shard == s) for s in used]
+        # every shard's rows in one call: one round of requests on an object store
+        blocks = take_rows([(self._shards[s], idx[w] - self._starts[s])
+                            for s, w in zip(used, wheres)])
+        for where, block in zip(wheres, blocks):
+            out[where] = block
         return out
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest (error names the first bad shard)."""
         verify_shards(self.path, self.manifest["shards"], "re-run the packer")
-
-    def _open_shard(self, entry: dict[str, Any]) -> np.ndarray:
-        return open_shard(self.path, entry, self.dtype, self.ctx_len)
 
 
 def read_manifest(path: str) -> dict[str, Any]:
