@@ -80,7 +80,9 @@ def _finished_summary(run_dir: str, steps: int, check, n: int = 1) -> list[dict]
     """The summaries (n: one per sweep member) a finished run wrote for `steps` steps, or None
     when it is not finished. The run's saved config is first checked against the command's
     (`check(saved)` raises), so a different command is refused as it would be on resume."""
-    run_dir = Path(run_dir)
+    from saejax.paths import as_path
+
+    run_dir = as_path(run_dir)
     metrics, saved = run_dir / "metrics.jsonl", run_dir / "config.yaml"
     if not (metrics.is_file() and saved.is_file() and (run_dir / "checkpoints").is_dir()):
         return None
@@ -177,13 +179,15 @@ def _interrupted_at(run_dir: str | None) -> str:
     """The Ctrl-C line of a trainer: the step its newest checkpoint holds (where the rerun
     resumes). Leaving the trainer waited for checkpoint saves in flight."""
     step = None
-    if run_dir and (Path(run_dir) / "checkpoints").is_dir():
-        try:
+    try:
+        from saejax.paths import as_path
+
+        if run_dir and (as_path(run_dir) / "checkpoints").is_dir():
             from saejax.checkpoint import Checkpointer
 
-            step = Checkpointer(Path(run_dir) / "checkpoints", read_only=True).latest_step()
-        except Exception:  # the hint must not fail: a damaged directory says no step
-            step = None
+            step = Checkpointer(as_path(run_dir) / "checkpoints", read_only=True).latest_step()
+    except Exception:  # the hint must not fail: a damaged directory says no step
+        step = None
     if step is None:
         return ("interrupted before the first checkpoint; rerun the same command to resume "
                 "(it starts from step 0)")
@@ -265,15 +269,15 @@ def cmd_export(args) -> int:
     """One SAE, a sweep member (RUN:member or --member), or every member of a sweep into
     OUT/<member>/."""
     from saejax.export import export_run
+    from saejax.paths import as_path
     from saejax.runs import members
-
     from saejax.sweep import split_member
 
     run = f"{args.run_dir}:{args.member}" if args.member else args.run_dir
     whole_sweep = split_member(run)[1] is None
     for spec in members(run):
         member = split_member(spec)[1]
-        out = Path(args.out_dir) / member if member and whole_sweep else Path(args.out_dir)
+        out = as_path(args.out_dir) / member if member and whole_sweep else as_path(args.out_dir)
         out = export_run(spec, out, overwrite=args.overwrite)
         print(f"wrote SAELens-format SAE to {out}")
     return 0

@@ -13,6 +13,7 @@ from typing import Literal
 
 from saejax import typedconfig
 from saejax.errors import ConfigError
+from saejax.paths import is_url
 from saejax.sae.config import SAEConfig
 from saejax.sae.family import FAMILIES, get_family
 # The generic machinery, used through this module by the trainers and the CLI.
@@ -132,9 +133,12 @@ class TrainConfig:
     async_checkpointing: bool = True
     """Write checkpoints in the background."""
     run_dir: str = "runs/default"
-    """Run directory: checkpoints, metrics.jsonl, config.yaml. An existing run is resumed."""
+    """Run directory: checkpoints, metrics.jsonl, config.yaml. An existing run is resumed. May
+    be a gs:// or s3:// URL (s3:// checkpoints are staged locally first: `SAEJAX_STAGING_DIR`,
+    see saejax/checkpoint.py)."""
     tensorboard: bool = False
-    """Also write TensorBoard scalars (needs tensorboardX)."""
+    """Also write TensorBoard scalars (needs tensorboardX) to run_dir/tensorboard; needs a local
+    run_dir."""
     progress: bool = True
     """Show a progress bar with tokens/s."""
     dead_window_tokens: int = 1_000_000
@@ -222,6 +226,10 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
     other_families = tuple(f"sae.{name}." for name in FAMILIES if name not in used)
     typedconfig.check_ranges(cfg, RANGES, skip=other_families)
     get_family(s.arch).check(s)
+    if t.tensorboard and is_url(t.run_dir):
+        raise ConfigError(f"train.tensorboard=true needs a local train.run_dir (TensorBoard's "
+                          f"event files are appended to, which {t.run_dir} cannot be); set "
+                          f"train.tensorboard=false")
     if cfg.data.source == "npy" and not cfg.data.paths:
         raise ConfigError("data.paths must name .npy files when data.source=npy")
     if cfg.data.source == "store" and not cfg.data.store_path:

@@ -57,6 +57,7 @@ import numpy as np
 import safetensors.numpy
 
 from saejax.atomic import atomic_dir
+from saejax.paths import AnyPath, as_path, is_url
 from saejax.sae import FAMILIES, family_for_saelens, get_family
 from saejax.sae.config import SAEConfig
 from saejax.sweep import split_member
@@ -146,10 +147,10 @@ def build_cfg(d_in: int, d_sae: int, *, architecture: str, options: dict, dtype:
     return cfg
 
 
-def check_destination(out_dir, overwrite: bool) -> Path:
-    """`out_dir` as an absolute path, after refusing it when it is a file or a non-empty
-    directory and `overwrite` is not set (the whole folder is replaced when it is)."""
-    out_dir = Path(out_dir).absolute()
+def check_destination(out_dir, overwrite: bool) -> AnyPath:
+    """`out_dir` as an absolute path (a URL as it is), after refusing it when it is a file or a
+    non-empty directory and `overwrite` is not set (the whole folder is replaced when it is)."""
+    out_dir = as_path(out_dir) if is_url(out_dir) else Path(out_dir).absolute()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         what = "is a file" if not out_dir.is_dir() else "exists and is not empty"
         raise FileExistsError(f"{out_dir} {what}; pass --overwrite to replace it, or choose "
@@ -160,14 +161,15 @@ def check_destination(out_dir, overwrite: bool) -> Path:
 def export_saelens(out_dir, params: dict[str, np.ndarray], *, architecture: str,
                    options: dict | None = None, input_scale: float = 1.0,
                    metadata: dict | None = None, dtype: str = "float32",
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False) -> AnyPath:
     """Write `params` (trained on inputs scaled by `input_scale`) as a SAELens SAE for raw inputs.
 
     `architecture` names the family (`Family.saelens_architecture`), whose parameters are
     written and whose rule folds the input scale; `options` are its extra cfg.json keys
     (`Family.saelens_options`, e.g. {"k": 32}). Atomic: files go into a temp folder beside
     `out_dir`, are fsynced, and the folder is renamed into place. An existing non-empty `out_dir`
-    is an error unless `overwrite=True`.
+    is an error unless `overwrite=True`. `out_dir` may be a URL (gs://, s3://): the files are
+    uploaded once written, cfg.json last (`saejax.atomic.atomic_dir`).
     """
     family = family_for_saelens(architecture)
     if family is None:
@@ -199,7 +201,7 @@ def export_saelens(out_dir, params: dict[str, np.ndarray], *, architecture: str,
                     metadata=metadata, input_scale=s)
 
     out_dir = check_destination(out_dir, overwrite)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, last=CFG_FILENAME) as tmp:
         (tmp / WEIGHTS_FILENAME).write_bytes(safetensors.numpy.save(tensors))
         (tmp / CFG_FILENAME).write_text(json.dumps(cfg, indent=2) + "\n")
     return out_dir
@@ -229,8 +231,9 @@ def _normalize_cfg(cfg: dict) -> dict:
 
 
 def load_saelens(path) -> tuple[dict[str, np.ndarray], dict]:
-    """(params as float32, cfg dict) of a SAELens SAE folder; old flat cfgs are normalized."""
-    path = Path(path)
+    """(params as float32, cfg dict) of a SAELens SAE folder (a local one or a URL); old flat
+    cfgs are normalized."""
+    path = as_path(path)
     cfg_path, weights_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
     for f in (cfg_path, weights_path):
         if not f.is_file():
@@ -246,8 +249,9 @@ def load_saelens(path) -> tuple[dict[str, np.ndarray], dict]:
     if family is None:
         raise ValueError(f"{cfg_path}: architecture {cfg['architecture']!r} is not one of "
                          f"{saelens_architectures()}")
-    tensors = {n: np.asarray(v, np.float32)
-               for n, v in safetensors.numpy.load_file(str(weights_path)).items()}
+    loaded = (safetensors.numpy.load(weights_path.read_bytes()) if is_url(path)
+              else safetensors.numpy.load_file(str(weights_path)))
+    tensors = {n: np.asarray(v, np.float32) for n, v in loaded.items()}
     params = family.from_saelens_tensors(tensors)
     missing = [n for n in family.param_axes if n not in params]
     if missing:
@@ -269,10 +273,11 @@ def _dataset_path(cfg) -> str | None:
 def _run_name(spec) -> str:
     """The run's absolute path (`RUN:member` for a sweep member)."""
     run_dir, member = split_member(spec)
-    return str(run_dir.resolve()) + (f":{member}" if member else "")
+    return (str(run_dir) if is_url(run_dir) else str(run_dir.resolve())) + (
+        f":{member}" if member else "")
 
 
-def export_run(run_dir, out_dir, *, overwrite: bool = False) -> Path:
+def export_run(run_dir, out_dir, *, overwrite: bool = False) -> AnyPath:
     """Export a training run's newest good checkpoint in SAELens's format. Only the parameters
     are read (onto all local devices, features sharded) and copied to the host shard by shard."""
     from saejax.runs import load_params, provenance  # noqa: PLC0415 (reads checkpoints)

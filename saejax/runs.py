@@ -25,6 +25,7 @@ from saejax.checkpoint import Checkpointer
 from saejax.config import Config, MeshConfig, from_dict
 from saejax.data import relocated
 from saejax.errors import ConfigError
+from saejax.paths import as_path
 from saejax.typedconfig import read_yaml
 from saejax.sae import SAEConfig, get_family
 from saejax.sweep import FILENAME as SWEEP_FILE, read_sweep, split_member
@@ -86,7 +87,7 @@ def _sweep(run_dir: Path):
 
 def members(run_dir: str | Path) -> list[str]:
     """`RUN:member` of every member of a sweep run, or [run_dir] for any other path."""
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     if not (run_dir / SWEEP_FILE).is_file() or split_member(run_dir)[1] is not None:
         return [str(run_dir)]  # not a sweep (checked as the command goes on) or one member
     return [f"{run_dir}:{m.name}" for m in _sweep(run_dir).members]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +34,7 @@ import yaml
 from saejax import config as config_lib
 from saejax.config import Config
 from saejax.errors import ConfigError
+from saejax.paths import AnyPath, as_path, is_url
 from saejax.sae import get_family
 from saejax.typedconfig import flatten, from_dict, load_tree, read_yaml
 
@@ -258,7 +260,7 @@ def map_configs(sweep: Sweep, fn: Callable[[Config], Config]) -> Sweep:
 
 def read_sweep(run_dir: str | Path, base: Config) -> Sweep | None:
     """The sweep recorded in run_dir (sweep.yaml beside config.yaml), or None for a solo run."""
-    path = Path(run_dir) / FILENAME
+    path = as_path(run_dir) / FILENAME
     if not path.is_file():
         return None
     recorded = read_yaml(path, "the sweep's members").get("members") or {}
@@ -269,16 +271,18 @@ def read_sweep(run_dir: str | Path, base: Config) -> Sweep | None:
 def save_sweep(sweep: Sweep, run_dir: str | Path) -> None:
     from saejax.atomic import write_text_atomic  # noqa: PLC0415
 
-    write_text_atomic(Path(run_dir) / FILENAME,
+    write_text_atomic(as_path(run_dir) / FILENAME,
                       yaml.safe_dump(sweep.to_dict(), sort_keys=False))
 
 
-def split_member(spec: str | Path) -> tuple[Path, str | None]:
+def split_member(spec: str | Path) -> tuple[AnyPath, str | None]:
     """`RUN:member` -> (RUN, member); a plain path -> (path, None). A path that exists as
-    written is a path, even with a colon in it."""
-    text = str(spec)
-    if ":" in text and not Path(text).exists():
+    written is a path, even with a colon in it; a URL's `scheme://` is not a member's colon.
+    The run comes back as `saejax.paths.as_path` gives it."""
+    text = os.fspath(spec)
+    scheme = text.index("://") + 3 if is_url(text) else 0
+    if ":" in text[scheme:] and not as_path(text).exists():
         run, member = text.rsplit(":", 1)
-        if (Path(run) / FILENAME).is_file():
-            return Path(run), member
-    return Path(text), None
+        if (as_path(run) / FILENAME).is_file():
+            return as_path(run), member
+    return as_path(text), None

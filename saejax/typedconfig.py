@@ -21,6 +21,7 @@ import yaml
 
 from saejax.atomic import write_text_atomic
 from saejax.errors import ConfigError
+from saejax.paths import as_path
 
 
 def _check_type(value: Any, tp: Any, name: str) -> Any:
@@ -122,8 +123,9 @@ def load_tree(path: str | Path | None = None, overrides: list[str] = (),
 
 def read_yaml(path: str | Path, what: str) -> dict:
     """The mapping in YAML file `path` (empty file: {}); a missing, unreadable or malformed file
-    is a ConfigError naming `what`, the path and, for bad YAML, the line and column."""
-    path = Path(path)
+    is a ConfigError naming `what`, the path and, for bad YAML, the line and column. `path` may
+    be a URL (gs://, s3://)."""
+    path = as_path(path)
     if not path.is_file():
         state = "is not a file" if path.exists() else "does not exist"
         raise ConfigError(f"{what} {path} {state}")

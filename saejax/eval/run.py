@@ -10,13 +10,17 @@ activation store harvested), for `saejax eval` and `saejax analyze` without --co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from saejax.eval.trained import TrainedSAE, load_sae
 from saejax.files import file_safe, unique_names
+from saejax.objstore import files_under, upload_files
+from saejax.paths import as_path, is_url, join
 
 EVAL_JSON = "eval.json"
 DEFAULT_N_CONTEXTS = 2000
@@ -28,8 +32,8 @@ def _manifest_sha256(tokens_dir: str) -> str | None:
     None when there is none."""
     from saejax.atomic import MANIFEST, sha256_file  # noqa: PLC0415
 
-    path = os.path.join(tokens_dir, MANIFEST)
-    return sha256_file(path) if os.path.isfile(path) else None
+    path = join(tokens_dir, MANIFEST)
+    return sha256_file(path) if as_path(path).is_file() else None
 
 
 def _store_trained(store_path: str, tokens_sha: str) -> int | None:
@@ -57,7 +61,7 @@ def trained_contexts(sae_path: str | os.PathLike, tokens_sha: str, n_contexts: i
     from saejax.export import CFG_FILENAME  # noqa: PLC0415
     from saejax.runs import is_run, read_config  # noqa: PLC0415
 
-    path = Path(sae_path)
+    path = as_path(sae_path)
     if not is_run(path):  # a SAELens folder: its dataset_path may be a store
         try:
             meta = json.loads((path / CFG_FILENAME).read_text()).get("metadata") or {}
@@ -160,14 +164,29 @@ def evaluate(sae_paths: Sequence[str | os.PathLike], tokens_path: str | os.PathL
     if out_dir is not None:
         from saejax.atomic import json_safe, write_json_atomic  # noqa: PLC0415
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for sae, entry, counts in zip(saes, results["saes"], totals.counts):
-            png = plot_density(counts["fire_count"], totals.n_tokens,
-                               out / f"{sae.name}_density.png", title=sae.name)
-            entry["density_png"] = png.name
-        write_json_atomic(str(out / EVAL_JSON), json_safe(results))
+        with _local_dir(out_dir) as out:
+            for sae, entry, counts in zip(saes, results["saes"], totals.counts):
+                png = plot_density(counts["fire_count"], totals.n_tokens,
+                                   out / f"{sae.name}_density.png", title=sae.name)
+                entry["density_png"] = png.name
+            write_json_atomic(str(out / EVAL_JSON), json_safe(results))
     return results
+
+
+@contextlib.contextmanager
+def _local_dir(out_dir: str | os.PathLike):
+    """A local directory to write evaluate's files into: `out_dir` itself (created), or for a URL
+    a temporary one whose files are uploaded under it when the block ends, eval.json last (what
+    was there beside them stays)."""
+    if not is_url(out_dir):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        yield Path(out_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="saejax-eval-") as tmp:
+        yield Path(tmp)
+        figures = [name for name in files_under(tmp) if name != EVAL_JSON]
+        upload_files(tmp, os.fspath(out_dir), figures)
+        upload_files(tmp, os.fspath(out_dir), [EVAL_JSON])
 
 
 def _pct(x: float | None) -> str:

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from saejax import sharding
 from saejax.config import from_dict
 from saejax.export import CFG_FILENAME, load_saelens
+from saejax.paths import as_path
 from saejax.runs import inference_mesh, is_run, load_params, provenance
 from saejax.sae import family_for_saelens, get_family
 from saejax.sae.config import SAEConfig
@@ -126,7 +127,7 @@ def load_sae(path: str | Path, mesh: Mesh | None = None) -> TrainedSAE:
     """A run directory (config.yaml + checkpoints/), a sweep member (`RUN:member`) or a SAELens
     folder (cfg.json + weights), its parameters laid out on `mesh` (default: all local devices,
     features sharded)."""
-    path = Path(path)
+    path = as_path(path)
     if is_run(path):
         return _from_run(path, mesh)
     if (path / CFG_FILENAME).is_file():

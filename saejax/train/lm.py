@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Literal
 
 import jax
@@ -41,7 +40,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
 from saejax import config as config_lib
-from saejax import sharding
+from saejax import paths, sharding
 from saejax.config import ConfigError, MeshConfig
 from saejax.typedconfig import check_ranges
 from saejax.data.order import epoch_order
@@ -457,7 +456,6 @@ def train_lm(cfg: LMTrainConfig, *, stop_at: int | None = None, quiet: bool = Fa
         again with the same config continues to cfg.train.steps. The hf/ directory is written
         only when the run reaches cfg.train.steps.
     """
-    from saejax.lm.save import save_hf
     from saejax.text.tokens import TokenDataset
 
     validate(cfg)
@@ -467,7 +465,7 @@ def train_lm(cfg: LMTrainConfig, *, stop_at: int | None = None, quiet: bool = Fa
     lm_cfg = _check_against_data(cfg, dataset, mesh)
     ctx, n_val = dataset.ctx_len, cfg.data.val_contexts
     n_train = dataset.n_contexts - n_val
-    run_dir = Path(t.run_dir)
+    run_dir = paths.as_path(t.run_dir)
     prepare_run_dir(run_dir, cfg, RESUMABLE_CHANGES)
 
     contract = LMStepContract.build(cfg, lm_cfg, mesh)
@@ -490,7 +488,7 @@ def train_lm(cfg: LMTrainConfig, *, stop_at: int | None = None, quiet: bool = Fa
                                   f"dataset than {cfg.data.tokens} (content differs)")
         else:
             start, state = 0, contract.init_fn()
-        with MetricsFile(run_dir, start_step=start, total_steps=t.steps,
+        with MetricsFile(run_dir, start_step=start, total_steps=t.steps, runner=runner,
                          progress=t.progress and not quiet) as log:
             if start == 0:
                 log.write(start_record(mesh, state.params, tok_per_step, memory))
@@ -529,14 +527,27 @@ def train_lm(cfg: LMTrainConfig, *, stop_at: int | None = None, quiet: bool = Fa
                        "hf_dir": None}
             if stop == t.steps:
                 with storage_errors(run_dir):
-                    hf_dir = save_hf(state.params, lm_cfg, run_dir / "hf",
-                                     _tokenizer_dir(cfg, dataset), overwrite=True,
-                                     **_special_ids(dataset))
+                    hf_dir = _save_hf(run_dir / "hf", state.params, lm_cfg,
+                                      _tokenizer_dir(cfg, dataset), **_special_ids(dataset))
                 summary["hf_dir"] = str(hf_dir)
                 log.write({"event": "summary", **summary})
     if not quiet and jax.process_index() == 0:
         print(format_summary(summary))
     return summary
+
+
+def _save_hf(out: paths.AnyPath, params, lm_cfg: LMConfig, tokenizer_dir, **special_ids):
+    """`saejax.lm.save.save_hf` into `out`, replacing it; a URL's is written locally and uploaded
+    by process 0 (the one that writes), config.json last (`saejax.atomic.atomic_dir`)."""
+    from saejax.atomic import atomic_dir
+    from saejax.lm.save import save_hf
+
+    if not paths.is_url(out):
+        return save_hf(params, lm_cfg, out, tokenizer_dir, overwrite=True, **special_ids)
+    if jax.process_index() == 0:
+        with atomic_dir(out, last="config.json") as tmp:
+            save_hf(params, lm_cfg, tmp, tokenizer_dir, overwrite=True, **special_ids)
+    return out
 
 
 def _val_loss(eval_fn, params, dataset, n_train: int, batch_size: int, mesh: Mesh) -> float:

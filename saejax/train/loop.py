@@ -12,13 +12,11 @@ from __future__ import annotations
 import dataclasses
 import sys
 import types
-from pathlib import Path
-
 import jax
 import numpy as np
 
 from saejax import config as config_lib
-from saejax import sharding
+from saejax import paths, sharding
 from saejax.config import Config, ConfigError
 from saejax.errors import NonFiniteLossError
 from saejax.sweep import FILENAME as SWEEP_FILE, Sweep, save_sweep
@@ -60,7 +58,7 @@ def resumable_changes(cfg: Config) -> set[str]:
     return RESUMABLE_CHANGES | ({"train.steps"} if fixed_length else set())
 
 
-def recorded_view(run_dir: Path):
+def recorded_view(run_dir: paths.AnyPath):
     """How a run's recorded config is compared with a command's: data paths absolute, and found
     again next to the run directory when it moved with its data."""
     def view(tree: dict) -> dict:
@@ -71,7 +69,7 @@ def recorded_view(run_dir: Path):
 
 def check_resumable(saved: dict, cfg: Config) -> None:
     """Refuse `cfg` for the run whose saved config is `saved`, as `train` would on resume."""
-    view = recorded_view(Path(cfg.train.run_dir))
+    view = recorded_view(paths.as_path(cfg.train.run_dir))
     config_lib.check_same_run(view(saved), view(config_lib.to_dict(cfg)), resumable_changes(cfg),
                               cfg.train.run_dir)
 
@@ -164,7 +162,7 @@ def train(cfg: Config, *, quiet: bool = False, sweep: Sweep | None = None) -> di
     if sweep is not None:
         check_sweep(sweep, jax.device_count())
     t = cfg.train
-    run_dir = Path(t.run_dir)
+    run_dir = paths.as_path(t.run_dir)
     n_data, n_model = config_lib.resolve_mesh_shape(cfg.mesh, jax.device_count())
     for c in (sweep.groups if sweep else [None]):
         per_device = 1 if c is None else -(-len(c.members) // cfg.mesh.sae)
@@ -190,7 +188,7 @@ def train(cfg: Config, *, quiet: bool = False, sweep: Sweep | None = None) -> di
         start, state = ((restored[0], restored[1]) if restored is not None else
                         (0, group.pack([init_from_data(p.contract, data, cfg, mesh)
                                         for p in parts])))
-        with MetricsFile(run_dir, start_step=start, total_steps=t.steps,
+        with MetricsFile(run_dir, start_step=start, total_steps=t.steps, runner=runner,
                          tensorboard=t.tensorboard, progress=t.progress and not quiet) as log:
             if start == 0:
                 log.write(start_record(mesh, state_params(state), t.batch_size,
@@ -242,7 +240,7 @@ def train(cfg: Config, *, quiet: bool = False, sweep: Sweep | None = None) -> di
     return summaries
 
 
-def check_sweep_dir(run_dir: Path, sweep: Sweep | None) -> None:
+def check_sweep_dir(run_dir: paths.AnyPath, sweep: Sweep | None) -> None:
     """Refuse a sweep in a single SAE's run directory, a single SAE in a sweep's, or a sweep
     whose members differ from the ones recorded there."""
     recorded = run_dir / SWEEP_FILE

@@ -21,7 +21,6 @@ import math
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -30,9 +29,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from saejax import config as config_lib
+from saejax import paths
 from saejax.atomic import write_text_atomic
-from saejax.checkpoint import Checkpointer
-from saejax.errors import (NonFiniteLossError, Preempted, SaejaxError, StorageError, os_fault,
+from saejax.checkpoint import Checkpointer, check_checkpoint_dir, storage_fault
+from saejax.errors import (NonFiniteLossError, Preempted, SaejaxError, StorageError,
                            resume_hint)
 from saejax.typedconfig import read_yaml
 from saejax.sharding import to_host
@@ -44,13 +44,16 @@ deadlocks the CPU backend's collectives once many multi-device steps are queued 
 CPU devices: "Expected 8 threads to join the rendezvous"); the bound also caps queued batches."""
 
 
-def prepare_run_dir(run_dir: Path, cfg: Any, resumable: set[str],
+def prepare_run_dir(run_dir: paths.AnyPath, cfg: Any, resumable: set[str],
                     view: Callable[[dict], dict] | None = None) -> None:
     """Refuse run_dir if its config.yaml or any of its checkpoints (each carries its config)
     holds a run whose config differs from the config dataclass `cfg` outside the `resumable`
     fields, so a run that lost its config.yaml is never continued under other settings; then
     create run_dir and write config.yaml (process 0, atomically: the other processes of the run
     read it concurrently). Nothing is written before every check has passed.
+
+    run_dir may be a URL (gs://, s3://; `saejax.paths.as_path`): there config.yaml is one object
+    and nothing needs creating.
 
     view: maps a config (as a dict) to what is compared, on both sides (e.g. data paths made
     absolute and found again after the run directory moved with its data)."""
@@ -66,17 +69,19 @@ def prepare_run_dir(run_dir: Path, cfg: Any, resumable: set[str],
         path = run_dir / "config.yaml"
         if path.exists():
             check(read_yaml(path, "the run's config"), "config.yaml")
+        check_checkpoint_dir(run_dir / "checkpoints")
         metas = Checkpointer(run_dir / "checkpoints", read_only=True).saved_metas()
         for step, meta in metas.items():
             if "config" in meta:
                 check(meta["config"], f"checkpoint step {step}")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if not paths.is_url(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0:
             config_lib.save_config(cfg, path)
 
 
 @contextlib.contextmanager
-def storage_errors(run_dir: Path):
+def storage_errors(run_dir: paths.AnyPath):
     """An OS error (no space, read-only, a path under a file, ...) raised in the block becomes
     one StorageError line naming it and, when run_dir has a checkpoint, the last good step and
     that rerunning the same command resumes. Other errors pass unchanged."""
@@ -85,7 +90,7 @@ def storage_errors(run_dir: Path):
     except SaejaxError:
         raise
     except Exception as e:
-        fault = os_fault(e)
+        fault = storage_fault(e, run_dir)
         if fault is None:
             raise
         last = Checkpointer(run_dir / "checkpoints", read_only=True).latest_step()
@@ -225,13 +230,17 @@ class Runner:
     preemption while it is entered: on an agreed notice (`Preemption`) the loop checkpoints the
     step every process has reached, with this meta, and raises Preempted."""
 
-    def __init__(self, run_dir: Path, *, keep: int, async_save: bool, meta: dict | None = None):
+    def __init__(self, run_dir: paths.AnyPath, *, keep: int, async_save: bool,
+                 meta: dict | None = None):
         self.ckpt_dir = run_dir / "checkpoints"
         with storage_errors(run_dir):
             self.ckpt = Checkpointer(self.ckpt_dir, keep=keep, async_save=async_save)
         self.meta = meta
         self.preemption = Preemption() if meta is not None else None
         self._saved_step: int | None = None
+        self.before_save: list[Callable[[], None]] = []
+        """Called before each checkpoint starts (`MetricsFile.flush`): what a committed
+        checkpoint's step has written is then stored, whatever stops the run later."""
 
     def restore(self, abstract_state) -> tuple[int, Any, dict] | None:
         """(step, state, meta) of the newest good checkpoint, laid out as `abstract_state`."""
@@ -248,6 +257,8 @@ class Runner:
             (finite,) = read_back(state, _all_finite((state.params, state.opt_state)))
         if not finite:  # a finite loss whose update overflowed: the next loss is NaN
             raise NonFiniteLossError(f"parameters became NaN/Inf at step {step}")
+        for hook in self.before_save:
+            hook()
         self.ckpt.save(step, state, {**meta, "step": step, "data_position": step})
         self._saved_step = step
 
@@ -316,15 +327,24 @@ class MetricsFile:
     """run_dir/metrics.jsonl (written by process 0), optional TensorBoard scalars, a progress bar.
 
     A resumed run first drops what it will write again (`start_step`). A context manager that
-    closes the bar and TensorBoard writer."""
+    closes the bar and TensorBoard writer.
 
-    def __init__(self, run_dir: Path, *, start_step: int, total_steps: int,
-                 tensorboard: bool = False, progress: bool = False):
+    In an object store (run_dir a URL), which cannot append, the records are kept in memory and
+    the object rewritten whole by `flush`: before each checkpoint of `runner` (so the records
+    up to a committed checkpoint, all a resumed run keeps, are stored) and on leaving."""
+
+    def __init__(self, run_dir: paths.AnyPath, *, start_step: int, total_steps: int,
+                 tensorboard: bool = False, progress: bool = False,
+                 runner: Runner | None = None):
         self.run_dir, self.path = run_dir, run_dir / "metrics.jsonl"
         self.is_main = jax.process_index() == 0
+        self._buffered: list[str] | None = [] if paths.is_url(run_dir) else None
+        self._unflushed = False
         if self.is_main:
             with storage_errors(run_dir):
                 self._truncate_after(start_step)
+        if runner is not None:
+            runner.before_save.append(self.flush)
         self.bar = None
         self.tb: dict[str, Any] | None = {} if tensorboard and self.is_main else None
         if progress and self.is_main:
@@ -344,13 +364,19 @@ class MetricsFile:
                 continue  # a partial line: the process died while appending it
             if record["step"] <= step and record.get("event") != "summary":
                 keep.append(line)
+        if self._buffered is not None:
+            self._buffered = [line + "\n" for line in keep]
         write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
     def write(self, record: dict) -> None:
         if not self.is_main:
             return
-        with storage_errors(self.run_dir), self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        if self._buffered is not None:
+            self._buffered.append(json.dumps(record) + "\n")
+            self._unflushed = True
+        else:
+            with storage_errors(self.run_dir), self.path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
         if self.tb is not None:
             writer = self._writer(record.get("member", ""))
             for k, v in record.items():
@@ -365,6 +391,13 @@ class MetricsFile:
             self.tb[member] = SummaryWriter(str(self.run_dir / "tensorboard" / member))
         return self.tb[member]
 
+    def flush(self) -> None:
+        """Store the records written so far (an object store's: rewrite the object)."""
+        if self._unflushed:
+            with storage_errors(self.run_dir):
+                write_text_atomic(self.path, "".join(self._buffered))
+            self._unflushed = False
+
     def show(self, step: int, **postfix: str) -> None:
         """Move the progress bar to `step`, with these values beside it."""
         if self.bar is not None:
@@ -374,11 +407,16 @@ class MetricsFile:
     def __enter__(self) -> "MetricsFile":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if self.bar is not None:
             self.bar.close()
         for writer in (self.tb or {}).values():
             writer.close()
+        try:
+            self.flush()
+        except Exception:
+            if exc is None:
+                raise  # else the error that ends the run is the one to report
 
 
 class Throughput:
