@@ -123,6 +123,9 @@ def test_bf16_default_run_recovers_features_like_float32(tmp_path):
     assert abs(summaries["bfloat16"]["mmcs"] - summaries["float32"]["mmcs"]) <= 0.01, summaries
 
 
+# Slow: exact resume is the default suite's in test_train_e2e, test_families and the object-store
+# end to end; this adds bf16 compute to it.
+@pytest.mark.slow
 def test_resume_is_exact_under_bf16_with_resampling_on_a_sharded_mesh(tmp_path):
     """A bf16 run killed after its step-6 checkpoint and restarted ends bitwise equal to one
     never interrupted; features are resampled in between (step 8), on a data × model mesh. The

@@ -297,6 +297,9 @@ def test_export_writes_one_saelens_folder_per_member(sweep_run, tmp_path):
         load_sae(sweep_run)
 
 
+# Slow: SIGTERM's save-and-resume is the default suite's in tests/test_preemption.py (one run);
+# this adds a sweep's groups to it.
+@pytest.mark.slow
 def test_preempted_sweep_resumes_bitwise_exact(sweep_run, tmp_path, monkeypatch):
     """SIGTERM during a sweep (in this process: its handler sets a flag): the run saves the
     step it reached and raises Preempted; the same call resumes and ends bitwise equal to the

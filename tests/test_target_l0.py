@@ -9,7 +9,7 @@ from saejax.config import load_config
 from saejax.train.loop import train
 
 
-@pytest.mark.parametrize("start_lambda", [1e-3, 0.3])
+@pytest.mark.parametrize("start_lambda", [1e-3, pytest.param(0.3, marks=pytest.mark.slow)])
 def test_target_l0_reaches_the_target(tmp_path, start_lambda):
     cfg = load_config(None, [
         "sae.d_in=32", "sae.n_features=128", "data.n_true_features=64", "data.p_active=0.05",
