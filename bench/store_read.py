@@ -14,6 +14,17 @@ gather + conversion), not a cold-disk rate. The consumer is the real ReLU SAE tr
 B x d with F features, fed a batch read from the store: its rate is B / (median step time).
 Printed: rows/s and GB/s for both, and ratio = read rate / consumption rate (> 1 means one
 reading thread keeps up with the step).
+
+With `--url gs://B/P` or `s3://B/P` each store is also harvested into the object store and its
+reads timed the same way (byte-range reads, `saejax.objstore.RangeNpy`, no page cache): printed
+as its own ratio to the consumption rate and as object store / local; then again through
+`SAEJAX_CACHE_DIR` (shards downloaded whole and checked when the store opens, then mapped). `AWS_ENDPOINT_URL` points
+s3:// at any S3-compatible server, e.g. a local one:
+
+    python -m moto.server -p 5555 &
+    AWS_ENDPOINT_URL=http://127.0.0.1:5555 AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x \
+        python -c "import boto3; boto3.client('s3', region_name='us-east-1').create_bucket(Bucket='bench')"
+    AWS_ENDPOINT_URL=... python bench/store_read.py --url s3://bench/acts --mb 32 --batch 1024
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import time
 import jax
 import numpy as np
 
+from saejax.atomic import CACHE_ENV
 from saejax.config import Config, validate
 from saejax.data.store import ActivationStore
 from saejax.data.store_writer import harvest_to_store
@@ -106,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reads", type=int, default=30, help="timed rows() calls per store")
     p.add_argument("--steps", type=int, default=2, help="timed SAE steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed SAE steps after compiling")
+    p.add_argument("--url", default=None, help="also write each store under this gs:// or s3:// "
+                                               "prefix and time reading it from there")
     p.add_argument("--dir", default=None, help="where to write the stores (default: a new "
                                                "temporary directory in /tmp, removed at the end)")
     args = p.parse_args(argv)
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"store: {n_ctx} contexts x {CTX - 1} rows (BOS dropped) = {n_ctx * (CTX - 1):,} rows "
           f"of d={d} | read batch B={b} | {os.cpu_count()} CPU cores | dir {root}")
 
-    results = {}
+    results, remote = {}, {}
     try:
         for dtype in args.dtypes.split(","):
             out = os.path.join(root, dtype)
@@ -138,6 +152,23 @@ def main(argv: list[str] | None = None) -> None:
                   f"rows(): {t_read * 1e3:.1f} ms per batch = {b / t_read:,.0f} rows/s = "
                   f"{b * d * 4 / t_read / 1e9:.2f} GB/s float32 out "
                   f"({b * d * itemsize / t_read / 1e9:.2f} GB/s of stored bytes)")
+            if args.url:
+                url = f"{args.url.rstrip('/')}/{dtype}"
+                harvest_to_store(contexts, lm, url, sites=["site"],
+                                 contexts_per_shard=args.contexts_per_shard, batch_contexts=64,
+                                 dtype=dtype, overwrite=True, provenance={"model": "bench fake"})
+                remote[dtype] = read_rate(ActivationStore(url, "site", seed=0), b, args.reads)
+                print(f"{'':>9}  {url}: rows(): {remote[dtype] * 1e3:.1f} ms per batch = "
+                      f"{b / remote[dtype]:,.0f} rows/s")
+                os.environ[CACHE_ENV] = os.path.join(root, "cache")  # whole shards, then mmap
+                t0 = time.perf_counter()
+                cached = ActivationStore(url, "site", seed=0)
+                t_open = time.perf_counter() - t0
+                t_cached = read_rate(cached, b, args.reads)
+                del os.environ[CACHE_ENV]
+                print(f"{'':>9}  with {CACHE_ENV}: opened (downloaded and checked) in "
+                      f"{t_open:.2f} s, then rows(): {t_cached * 1e3:.1f} ms per batch = "
+                      f"{b / t_cached:,.0f} rows/s")
 
         first = next(iter(results.values()))[0]
         t0 = time.perf_counter()
@@ -150,6 +181,10 @@ def main(argv: list[str] | None = None) -> None:
         for dtype, (_, t_read) in results.items():
             print(f"{dtype}: ratio = read rate / consumption rate = {b / t_read:,.0f} / "
                   f"{b / t_step:,.0f} rows/s = {t_step / t_read:.1f}")
+            if dtype in remote:
+                print(f"{dtype} from {args.url}: ratio = read rate / consumption rate = "
+                      f"{t_step / remote[dtype]:.3f}; object store / local read rate = "
+                      f"{t_read / remote[dtype]:.4f}")
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -212,10 +212,60 @@ def open_shards(root: str, entries: list[dict[str, Any]], dtype: np.dtype, width
     """`open_shard` of every entry; under a URL root all headers are read in one concurrent
     round of requests rather than one shard after another. The first bad shard raises."""
     paths = [os.path.join(root, e["file"]) for e in entries]
+    if is_url(root) and os.environ.get(CACHE_ENV):
+        paths = cached_shards(root, entries)
     # Local shards are mapped lazily, each checked before the next is opened, as always.
-    opened = objstore.open_npys(paths) if is_url(root) else map(_memory_map, paths)
+    opened = objstore.open_npys(paths) if paths and is_url(paths[0]) else map(_memory_map, paths)
     return [_checked_shard(p, arr, e, dtype, width, what)
             for p, arr, e in zip(paths, opened, entries)]
+
+
+CACHE_ENV = "SAEJAX_CACHE_DIR"
+"""A local directory for the shards of datasets at a URL (set it on a long run: shuffled rows
+read by byte ranges are bound by request latency; see bench/store_read.py --url)."""
+
+
+def cached_shards(root: str, entries: list[dict[str, Any]]) -> list[str]:
+    """Local copies of the shards of the URL dataset `root`, under $SAEJAX_CACHE_DIR (at
+    <dir>/<scheme>/<bucket>/<key>/<file>), to memory-map instead of reading by byte ranges.
+
+    Shards not yet there are downloaded whole (concurrently), checked against the manifest's
+    sha256 and only then renamed into place, with the checked sha256 beside them
+    (`<file>.sha256`); a copy whose recorded sha256 is the manifest's is used as it is. So a
+    shard rewritten in the bucket (a new manifest) is fetched again, and a corrupt download is
+    never used: its error names the URL."""
+    base = Path(os.environ[CACHE_ENV]).absolute() / root.replace("://", "/", 1)
+    local = [base / e["file"] for e in entries]
+    missing = [e for e, p in zip(entries, local) if not _cached(p, e["sha256"])]
+    if missing:
+        part = base / f".download-{os.getpid()}"
+        try:
+            objstore.download_files(root, part, [e["file"] for e in missing])
+        except FileNotFoundError:
+            shutil.rmtree(part, ignore_errors=True)
+            gone = [e["file"] for e in missing
+                    if not as_path(os.path.join(root, e["file"])).exists()]
+            raise ValueError(f"{os.path.join(root, (gone or ['?'])[0])}: shard listed in "
+                             f"{MANIFEST} is missing") from None
+        for e in missing:
+            got = part / e["file"]
+            digest = sha256_file(str(got))
+            if digest != e["sha256"]:
+                shutil.rmtree(part, ignore_errors=True)
+                raise ValueError(f"{os.path.join(root, e['file'])}: checksum mismatch (sha256 "
+                                 f"{digest}, {MANIFEST} says {e['sha256']}): the shard is corrupt "
+                                 f"or was modified")
+            (base / e["file"]).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(got, base / e["file"])
+            write_text_atomic(f"{base / e['file']}.sha256", e["sha256"])
+        shutil.rmtree(part, ignore_errors=True)
+    return [str(p) for p in local]
+
+
+def _cached(path: Path, sha256: str) -> bool:
+    """Whether `path` is a checked copy of the shard whose manifest sha256 is `sha256`."""
+    mark = Path(f"{path}.sha256")
+    return path.is_file() and mark.is_file() and mark.read_text().strip() == sha256
 
 
 def _memory_map(path: str) -> np.ndarray:

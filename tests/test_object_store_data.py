@@ -122,6 +122,30 @@ def test_store_in_a_bucket_serves_the_local_rows(s3_server, ctx, tmp_path):
         ActivationStore(url)
 
 
+def test_cache_dir_serves_checked_local_copies(s3_server, ctx, tmp_path, monkeypatch):
+    """With SAEJAX_CACHE_DIR a store at a URL is downloaded once, checked against its manifest,
+    and memory-mapped: the same rows; a shard corrupted in the bucket is never used."""
+    url = f"{s3_server.bucket()}/store"
+    harvest_to_store(ctx, FakeLM(), tmp_path / "local", **KW, provenance={"model": "fake"})
+    harvest_to_store(ctx, FakeLM(), url, **KW, provenance={"model": "fake"})
+    monkeypatch.setenv("SAEJAX_CACHE_DIR", str(tmp_path / "cache"))
+    local, cached = ActivationStore(tmp_path / "local", SITES[1]), ActivationStore(url, SITES[1])
+    assert all(isinstance(s, np.memmap) for s in cached._shards)
+    assert cached.rows(3, 0, 64, 64).tobytes() == local.rows(3, 0, 64, 64).tobytes()
+    shard = f"{url}/{SITES[1]}/acts_00001.npy"
+    as_path(shard).unlink()  # the checked copy serves without the bucket's
+    assert ActivationStore(url, SITES[1]).rows(3, 0, 64, 64).tobytes() == \
+        local.rows(3, 0, 64, 64).tobytes()
+
+    data = (tmp_path / "local" / SITES[1] / "acts_00001.npy").read_bytes()
+    as_path(shard).write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # corrupt, uncached
+    for f in (tmp_path / "cache").rglob("acts_00001.npy*"):
+        f.unlink()
+    with pytest.raises(ValueError) as e:
+        ActivationStore(url, SITES[1])
+    assert str(e.value).startswith(f"{shard}: checksum mismatch") and "\n" not in str(e.value)
+
+
 def test_lm_harvest_from_and_into_a_bucket(s3_server, tiny_world):
     """The command's path: a real LM over a token dataset read from the bucket, into the bucket;
     the same shards, byte for byte, as the tiny world's local store."""
