@@ -182,7 +182,8 @@ def solo_runs():
     return out
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), pytest.param((2, 1, 1), marks=pytest.mark.slow),
+@pytest.mark.parametrize("shape", [pytest.param((1, 1, 1), marks=pytest.mark.slow),
+                                   pytest.param((2, 1, 1), marks=pytest.mark.slow),
                                    pytest.param((2, 2, 1), marks=pytest.mark.slow), (2, 2, 2)])
 def test_members_equal_their_solo_runs_on_every_mesh(shape, solo_runs):
     """lr, seed and input scaling vary inside one compiled step on (sae, data, model) meshes

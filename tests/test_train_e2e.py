@@ -194,6 +194,10 @@ def deterministic(record: dict) -> dict:
 # ---------------------------------------------------------------- 1. SIGKILL + resume
 
 
+# Slow (the suite's time): the default suite's SIGKILL-and-resume is tests/test_object_store_e2e.py
+# (async save in flight, resampling, bitwise state and metrics); exact resume on sharded meshes
+# is test_families' and test_preemption's. This one adds a 2 x 2 mesh and local metrics.jsonl.
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bitwise_exact(runs_dir, background):
     run_dir = runs_dir / "killed"
     killed = Run([sys.executable, "-c", KILLED_RUN, "train", "--quiet", *REF_ARGS,
