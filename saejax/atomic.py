@@ -245,16 +245,14 @@ def cached_shards(root: str, entries: list[dict[str, Any]]) -> list[str]:
             shutil.rmtree(part, ignore_errors=True)
             gone = [e["file"] for e in missing
                     if not as_path(os.path.join(root, e["file"])).exists()]
-            raise ValueError(f"{os.path.join(root, (gone or ['?'])[0])}: shard listed in "
-                             f"{MANIFEST} is missing") from None
+            raise _missing(os.path.join(root, (gone or ["?"])[0])) from None
         for e in missing:
             got = part / e["file"]
             digest = sha256_file(str(got))
             if digest != e["sha256"]:
                 shutil.rmtree(part, ignore_errors=True)
-                raise ValueError(f"{os.path.join(root, e['file'])}: checksum mismatch (sha256 "
-                                 f"{digest}, {MANIFEST} says {e['sha256']}): the shard is corrupt "
-                                 f"or was modified")
+                raise _mismatch(os.path.join(root, e["file"]), digest, e["sha256"],
+                                "rewrite the dataset there")
             (base / e["file"]).parent.mkdir(parents=True, exist_ok=True)
             os.replace(got, base / e["file"])
             write_text_atomic(f"{base / e['file']}.sha256", e["sha256"])
@@ -270,7 +268,7 @@ def _cached(path: Path, sha256: str) -> bool:
 
 def _memory_map(path: str) -> np.ndarray:
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: shard listed in {MANIFEST} is missing")
+        raise _missing(path)
     try:
         return np.load(path, mmap_mode="r")
     except Exception as e:  # truncated file, bad header, ...
@@ -283,7 +281,7 @@ def _checked_shard(path: str, arr: Any, entry: dict[str, Any], dtype: np.dtype, 
     """`arr` once it holds what the manifest says (an exception from opening it, raised as the
     one-line error naming the shard)."""
     if isinstance(arr, FileNotFoundError):
-        raise ValueError(f"{path}: shard listed in {MANIFEST} is missing")
+        raise _missing(path)
     if isinstance(arr, Exception):
         raise ValueError(f"{path}: cannot be read as a .npy array, truncated or damaged? "
                          f"({arr})") from arr
@@ -301,5 +299,13 @@ def verify_shards(root: str, entries: list[dict[str, Any]], redo: str) -> None:
         path = os.path.join(root, entry["file"])
         digest = sha256_file(path)
         if digest != entry["sha256"]:
-            raise ValueError(f"{path}: checksum mismatch (sha256 {digest}, {MANIFEST} says "
-                             f"{entry['sha256']}); the shard is corrupt or was modified: {redo}")
+            raise _mismatch(path, digest, entry["sha256"], redo)
+
+
+def _missing(path: str) -> ValueError:
+    return ValueError(f"{path}: shard listed in {MANIFEST} is missing")
+
+
+def _mismatch(path: str, digest: str, want: str, redo: str) -> ValueError:
+    return ValueError(f"{path}: checksum mismatch (sha256 {digest}, {MANIFEST} says {want}); the "
+                      f"shard is corrupt or was modified: {redo}")
